@@ -1,0 +1,209 @@
+"""Every YAML key the suite knows, with its default, in MindFormers' section layout.
+
+A section is a dict of key -> default. The default's type is the expected type (None: any type).
+`OPEN` marks a section whose contents are passed through unchecked (MindFormers options we accept
+so its YAMLs load, but do not act on). `model.model_config` is checked by LlamaConfig.from_dict.
+"""
+OPEN = "__open__"
+
+DATASET = {
+    "data_loader": {
+        "type": "MindDataset",        # MindDataset (MindRecord) | SFTDataLoader (raw json/jsonl/parquet/csv, online)
+        "dataset_dir": "",            # MindRecord file/dir, or raw data file/glob/dir
+        "shuffle": True,
+        # online loading (SFTDataLoader): raw records -> template -> tokenize+mask -> pack
+        "data_format": "auto",        # auto | alpaca | sharegpt | messages
+        "template": "auto",           # FastChat template name, or "auto" (tokenizer's chat_template)
+        "tokenizer": "",              # tokenizer path; default: processor.tokenizer
+        "map_keys": None,             # {"prompt": "instruction", "query": "input", ...}
+        "pack": False,
+        "train_on_prompt": False,
+        "mask_history": False,
+        "truncation": "turn",         # turn | drop
+        "rejects_file": "",
+        "split": "train",
+        "path": "",
+        "data_files": "",
+        "load_func": "",
+        "handler": None,
+    },
+    "input_columns": ["input_ids", "labels"],
+    "output_columns": None,
+    "num_parallel_workers": 1,
+    "python_multiprocessing": False,
+    "drop_remainder": True,
+    "batch_size": 1,
+    "repeat": 1,
+    "numa_enable": False,
+    "prefetch_size": 1,
+    "seed": None,
+    "seq_length": None,               # default: model_config.seq_length
+    "column_names": None,
+    "construct_args_key": None,
+}
+
+SCHEMA = {
+    "seed": 0,
+    "output_dir": "./output",
+    "load_checkpoint": "",
+    "src_strategy_path_or_dir": "",
+    "auto_trans_ckpt": False,
+    "only_save_strategy": False,
+    "resume_training": None,           # False | True | "checkpoint name"
+    "load_ckpt_format": "ckpt",
+    "run_mode": "finetune",
+    "use_parallel": False,
+    "do_eval": False,
+    "eval_step_interval": -1,
+    "eval_epoch_interval": -1,
+    "register_path": "",
+    "trainer": {"type": "CausalLanguageModelingTrainer", "model_name": ""},
+    "runner_config": {
+        "epochs": 1,
+        "batch_size": 1,
+        "sink_mode": True,
+        "sink_size": 1,
+        "gradient_accumulation_steps": 1,
+        "max_steps": -1,              # ours: stop after this many optimizer steps (-1: epochs decide)
+        "initial_epoch": 0,
+        "initial_step": 0,
+    },
+    "runner_wrapper": {
+        "type": "MFTrainOneStepCell",
+        "scale_sense": None,          # number, or {type: DynamicLossScaleUpdateCell, loss_scale_value, ...}
+        "use_clip_grad": True,
+        "max_grad_norm": 1.0,
+        "local_norm": False,
+    },
+    "optimizer": {
+        "type": "AdamW",
+        "betas": None,
+        "beta1": 0.9,
+        "beta2": 0.999,
+        "eps": 1.0e-8,
+        "learning_rate": 1.0e-5,
+        "weight_decay": 0.0,
+    },
+    "lr_schedule": {
+        "type": "CosineWithWarmUpLR",
+        "learning_rate": None,
+        "lr_end": 0.0,
+        "min_lr": None,
+        "warmup_ratio": 0.0,
+        "warmup_steps": 0,
+        "warmup_lr_init": 0.0,
+        "total_steps": -1,
+        "decay_steps": None,
+        "num_cycles": 0.5,
+    },
+    "train_dataset": DATASET,
+    "eval_dataset": DATASET,
+    "train_dataset_task": OPEN,
+    "eval_dataset_task": OPEN,
+    "parallel": OPEN,
+    "parallel_config": {
+        "data_parallel": 1,
+        "model_parallel": 1,
+        "pipeline_stage": 1,
+        "context_parallel": 1,
+        "expert_parallel": 1,
+        "use_seq_parallel": False,
+        "micro_batch_num": 1,
+        "vocab_emb_dp": True,
+        "gradient_aggregation_group": 4,
+        "optimizer_shard": None,
+        "use_zero3": None,
+    },
+    "micro_batch_interleave_num": 1,
+    "recompute_config": {
+        "recompute": None,            # bool, or a per-stage list of layer counts
+        "select_recompute": None,
+        "select_comm_recompute": None,
+        "parallel_optimizer_comm_recompute": False,
+        "mp_comm_recompute": True,
+        "recompute_slice_activation": False,
+    },
+    "callbacks": [],
+    "eval_callbacks": OPEN,
+    "context": {
+        "mode": 0,                    # 0 graph (jit), 1 PyNative
+        "device_target": None,        # default: Ascend if present, else CPU
+        "device_id": 0,
+        "max_call_depth": 10000,
+        "max_device_memory": None,
+        "save_graphs": False,
+        "save_graphs_path": "./graph",
+        "memory_optimize_level": None,
+        "jit_config": None,
+        "ascend_config": None,
+        "runtime_num_threads": None,
+        "enable_graph_kernel": False,
+        "graph_kernel_flags": None,
+        "mempool_block_size": None,
+        "deterministic": None,
+        "affinity_cpu_list": None,
+    },
+    "model": {"model_config": None, "arch": {"type": "LlamaForCausalLM"}},
+    "processor": {
+        "return_tensors": "ms",
+        "type": None,
+        "tokenizer": {
+            "type": None,
+            "vocab_file": "",
+            "merges_file": "",
+            "tokenizer_file": "",
+            "path": "",
+            "model_max_length": None,
+            "unk_token": None,
+            "bos_token": None,
+            "eos_token": None,
+            "pad_token": None,
+            "add_bos_token": None,
+            "add_eos_token": None,
+            "chat_template": None,
+        },
+    },
+    "metric": OPEN,
+    "moe_config": OPEN,
+    "monitor_config": OPEN,
+    # MindFormers top-level options accepted and ignored here.
+    "auto_tune": False,
+    "filepath_prefix": "./autotune",
+    "autotune_per_step": 10,
+    "profile": False,
+    "profile_start_step": 1,
+    "profile_stop_step": 10,
+    "init_start_profile": False,
+    "profile_communication": False,
+    "profile_memory": True,
+    "layer_scale": False,
+    "layer_decay": 0.65,
+    "lr_scale_factor": 256,
+    "remote_save_url": "",
+    "ignore_data_skip": False,
+    "data_skip_steps": None,
+    "transform_process_num": 1,
+    "auto_trans_ckpt_dir": OPEN,
+    "swap_config": OPEN,
+    "print_separate_loss": False,
+}
+
+# Callbacks by type: key -> default.
+CALLBACKS = {
+    "MFLossMonitor": {"per_print_times": 1, "learning_rate": None, "micro_batch_num": None,
+                      "micro_batch_interleave_num": None, "origin_epochs": None, "dataset_size": None,
+                      "initial_epoch": None, "initial_step": None, "global_batch_size": None,
+                      "gradient_accumulation_steps": None, "check_for_nan_in_loss_and_grad": None},
+    "CheckpointMonitor": {"prefix": "llama", "directory": None, "save_checkpoint_steps": 100,
+                          "save_checkpoint_seconds": 0, "keep_checkpoint_max": 5, "keep_checkpoint_per_n_minutes": 0,
+                          "integrated_save": False, "async_save": False, "save_network_params": False,
+                          "save_trainable_params": False, "checkpoint_format": "ckpt", "remove_redundancy": False,
+                          "embedding_local_norm_threshold": None, "save_optimizer": True},
+    "SummaryMonitor": {"summary_dir": None, "collect_freq": 10},
+    "TensorBoardMonitor": {"log_dir": None},
+    "EvalCallBack": {"step_interval": 100, "epoch_interval": -1},
+    "LossCurvePlot": {"file_name": "loss_curve.png"},
+    "ObsMonitor": OPEN,
+    "ProfileMonitor": OPEN,
+    "TrainingStateMonitor": OPEN,
+}
