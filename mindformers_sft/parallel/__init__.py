@@ -1,1 +1,40 @@
-"""parallel"""
+"""parallel_config -> MindSpore's parallel context; which rank this process is."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+
+
+@dataclass
+class RankInfo:
+    rank: int = 0
+    world_size: int = 1
+    dp_size: int = 1
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def init_parallel(cfg) -> RankInfo:
+    """Single process unless use_parallel; under msrun, initialise communication and the parallel context."""
+    if not cfg.use_parallel:
+        return RankInfo()
+    import mindspore as ms
+    from mindspore.communication import get_group_size, get_rank, init
+    if "MS_WORKER_NUM" not in os.environ and "RANK_SIZE" not in os.environ:
+        raise ConfigError("use_parallel is True but this process was not started by msrun; launch with "
+                          "bash scripts/msrun_launcher.sh \"run_mindformer.py ...\" N, or pass --use_parallel False")
+    init()
+    world, rank = get_group_size(), get_rank()
+    pc = cfg.parallel_config
+    mp, pp = pc.model_parallel, pc.pipeline_stage
+    if cfg.context.device_target == "CPU" and (mp > 1 or pp > 1):
+        raise ConfigError(f"parallel_config: model_parallel {mp} / pipeline_stage {pp} need Ascend "
+                          "(semi-auto parallel); on CPU only data parallel runs: set both to 1")
+    dp = world // (mp * pp)
+    mode = ms.ParallelMode.DATA_PARALLEL if mp == 1 and pp == 1 else ms.ParallelMode.SEMI_AUTO_PARALLEL
+    ms.set_auto_parallel_context(parallel_mode=mode, gradients_mean=False, device_num=world)
+    return RankInfo(rank=rank, world_size=world, dp_size=dp)

@@ -1,0 +1,108 @@
+"""Find and read the weights named by `--load_checkpoint`, in any of the forms a user brings:
+
+- a Hugging Face directory (config.json + model.safetensors or shards): names are renamed to MindFormers';
+- a MindFormers CKPT or safetensors file;
+- a training output / checkpoint directory (OUTPUT, OUTPUT/checkpoint or OUTPUT/checkpoint/rank_N with
+  meta.json): the newest verified checkpoint of this rank (or of rank_0). An adapter-only (LoRA)
+  checkpoint also brings in the base weights it was trained from (recorded in its meta.json).
+
+Returns MindFormers-named numpy arrays split into base weights, adapters and optimizer state.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+from ..convert.names import hf_to_mf, is_ignored_hf
+from ..errors import CheckpointError
+from .training_state import META, CheckpointManager, load_tensors
+
+OPT_PREFIXES = ("adam_m.", "adam_v.", "global_step")
+
+
+def is_hf_dir(path):
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")) and \
+        bool(glob.glob(os.path.join(path, "*.safetensors")))
+
+
+def _training_rank_dir(path, rank):
+    for cand in (path, os.path.join(path, f"rank_{rank}"), os.path.join(path, "rank_0"),
+                 os.path.join(path, "checkpoint", f"rank_{rank}"), os.path.join(path, "checkpoint", "rank_0")):
+        if os.path.isfile(os.path.join(cand, META)):
+            return cand
+    return None
+
+
+def read_hf_dir(path) -> dict:
+    from ..models import read_safetensors
+    out = {}
+    for fp in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+        for name, arr in read_safetensors(fp).items():
+            if not is_ignored_hf(name):
+                out[hf_to_mf(name, source=fp)] = arr
+    return out
+
+
+def read_file(path) -> dict:
+    if path.endswith(".safetensors"):
+        from ..models import read_safetensors
+        arrays = read_safetensors(path)
+        if any(k.startswith("model.embed_tokens") or ".self_attn." in k for k in arrays):
+            arrays = {hf_to_mf(k, source=path): v for k, v in arrays.items() if not is_ignored_hf(k)}
+        return arrays
+    return load_tensors(path)
+
+
+def split(arrays: dict):
+    base, adapters, opt = {}, {}, {}
+    for k, v in arrays.items():
+        if k.startswith(OPT_PREFIXES):
+            opt[k] = v
+        elif k.endswith((".lora_a", ".lora_b")):
+            adapters[k] = v
+        else:
+            base[k] = v
+    return base, adapters, opt
+
+
+def read_weights(path: str, rank: int = 0, warn=print):
+    """-> (base, adapters, source) MindFormers-named arrays from any supported checkpoint form."""
+    if not path:
+        raise CheckpointError("load_checkpoint is empty: name a checkpoint file, a checkpoint directory or a "
+                              "Hugging Face directory")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: load_checkpoint does not exist")
+    if is_hf_dir(path):
+        return read_hf_dir(path), {}, path
+    if os.path.isfile(path):
+        base, adapters, _ = split(read_file(path))
+        base = _with_base(path, base, adapters, rank, warn)
+        return base, adapters, path
+    rdir = _training_rank_dir(path, rank)
+    if rdir is None:
+        raise CheckpointError(f"{path}: a directory with neither a Hugging Face model (config.json + *.safetensors) "
+                              f"nor training checkpoints (rank_N/{META})")
+    manager = CheckpointManager.__new__(CheckpointManager)
+    manager.dir = rdir
+    entry, arrays = manager.latest(warn=warn)
+    if entry is None:
+        raise CheckpointError(f"{rdir}: no readable checkpoint listed in {META}")
+    src = os.path.join(rdir, entry["file"])
+    base, adapters, _ = split(arrays)
+    if adapters and entry.get("base_checkpoint"):
+        base = {**read_weights(entry["base_checkpoint"], rank, warn)[0], **base}
+    return base, adapters, src
+
+
+def _with_base(path, base, adapters, rank, warn):
+    """An adapter-only file next to a meta.json that records its base: load that base too."""
+    if not adapters or base:
+        return base
+    meta = os.path.join(os.path.dirname(path), META)
+    if os.path.isfile(meta):
+        with open(meta, encoding="utf-8") as f:
+            for c in json.load(f).get("checkpoints", []):
+                if c["file"] == os.path.basename(path) and c.get("base_checkpoint"):
+                    return read_weights(c["base_checkpoint"], rank, warn)[0]
+    return base

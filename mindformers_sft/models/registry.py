@@ -1,0 +1,25 @@
+"""Model architectures by the `model.arch.type` name of a YAML. `--register_path DIR` imports DIR, whose
+__init__.py may call `register_arch` (see research/qwen2_5)."""
+from __future__ import annotations
+
+import difflib
+
+from ..errors import ConfigError
+
+# arch name -> model_type of the Llama-family decoder ("llama" or "qwen2")
+ARCHS = {"LlamaForCausalLM": "llama"}
+
+
+def register_arch(name: str, model_type: str):
+    if model_type not in ("llama", "qwen2"):
+        raise ConfigError(f"register_arch('{name}'): model_type must be 'llama' or 'qwen2', got '{model_type}'")
+    ARCHS[name] = model_type
+
+
+def arch_model_type(name: str) -> str:
+    if name not in ARCHS:
+        close = difflib.get_close_matches(name, list(ARCHS), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        qwen = " (Qwen2.5 archs are registered by --register_path research/qwen2_5)" if "qwen" in name.lower() else ""
+        raise ConfigError(f"model.arch.type: unknown architecture '{name}'{hint}{qwen}; known: {sorted(ARCHS)}")
+    return ARCHS[name]

@@ -1,0 +1,179 @@
+"""Compose a run from a validated Config: context -> model (+ weights, + LoRA) -> data -> train/eval/predict."""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+
+from .errors import ConfigError, SFTError
+
+
+def register(path: str):
+    """Import a `--register_path` directory (e.g. research/qwen2_5) so it can register architectures."""
+    p = os.path.abspath(path)
+    if not os.path.isdir(p) or not os.path.isfile(os.path.join(p, "__init__.py")):
+        raise ConfigError(f"--register_path {path}: expected a directory with an __init__.py")
+    parent, name = os.path.split(p)
+    pkg_parent, pkg = os.path.split(parent)
+    sys.path.insert(0, pkg_parent)
+    sys.path.insert(0, parent)
+    importlib.import_module(f"{pkg}.{name}" if os.path.isfile(os.path.join(parent, "__init__.py")) else name)
+
+
+def setup_context(cfg):
+    import mindspore as ms
+    from .parallel import init_parallel
+    target = cfg.context.device_target
+    if not target:
+        target = "Ascend" if ms.hal.is_available("Ascend") else "CPU"
+    cfg.context.device_target = target
+    ms.set_device(target)
+    ms.set_context(mode=ms.PYNATIVE_MODE)   # mode 0 compiles the train step with mindspore.jit
+    if cfg.context.max_call_depth:
+        ms.set_context(max_call_depth=cfg.context.max_call_depth)
+    ms.set_seed(int(cfg.seed))
+    return init_parallel(cfg)
+
+
+def model_config(cfg, log=print):
+    from .checkpoint.loading import is_hf_dir
+    from .models.config import LlamaConfig
+    from .models.registry import arch_model_type
+    mc = cfg.model.model_config
+    arch_type = arch_model_type(cfg.model.arch.type)
+    if mc:
+        mc = dict(mc)
+        mc.setdefault("model_type", "qwen2" if arch_type == "qwen2" or mc.get("qkv_has_bias") else "llama")
+        conf = LlamaConfig.from_dict(mc)
+    elif cfg.load_checkpoint and is_hf_dir(cfg.load_checkpoint):
+        conf = LlamaConfig.from_hf_config(cfg.load_checkpoint)
+    else:
+        raise ConfigError("model.model_config is missing and load_checkpoint is not a Hugging Face directory: "
+                          "nothing says what model to build")
+    if cfg.context.device_target == "CPU":
+        for k in ("compute_dtype", "softmax_compute_type", "rotary_dtype", "param_init_type"):
+            if getattr(conf, k) != "float32":
+                log(f"[config] model_config.{k}: {getattr(conf, k)} has no CPU kernels; using float32 on CPU")
+                setattr(conf, k, "float32")
+    return conf
+
+
+def build_model(cfg, rank=0, log=print):
+    """The model with --load_checkpoint weights and, if pet_config is set, LoRA adapters."""
+    from .checkpoint.loading import read_weights
+    from .models import LlamaForCausalLM, load_state_dict
+    conf = model_config(cfg, log)
+    model = LlamaForCausalLM(conf)
+    adapters = {}
+    if cfg.load_checkpoint:
+        base, adapters, src = read_weights(cfg.load_checkpoint, rank, warn=log)
+        load_state_dict(model, base, strict=True, source=src)
+        log(f"[model] loaded {len(base)} tensors from {src}")
+    elif cfg.run_mode in ("finetune", "eval", "predict"):
+        raise ConfigError(f"run_mode {cfg.run_mode} needs load_checkpoint (pretrained weights); "
+                          "use run_mode train to start from random weights")
+    if conf.pet_config:
+        from .pet.lora import apply_lora
+        names = apply_lora(model, conf.pet_config)
+        log(f"[lora] rank {conf.pet_config.get('lora_rank')} on {len(names)} layers; "
+            f"trainable {sum(p.size for p in model.trainable_params())} of "
+            f"{sum(p.size for p in model.get_parameters())} parameters")
+        if adapters:
+            load_state_dict(model, adapters, strict=False, source=cfg.load_checkpoint)
+            log(f"[lora] loaded {len(adapters)} adapter tensors")
+    elif adapters:
+        raise ConfigError(f"{cfg.load_checkpoint} holds LoRA adapters but model_config.pet_config is not set")
+    return model
+
+
+def tokenizer_path(cfg) -> str:
+    tok = cfg.processor.tokenizer
+    for p in (tok.path, tok.tokenizer_file, tok.vocab_file, cfg.train_dataset.data_loader.tokenizer):
+        if p:
+            return p
+    if cfg.load_checkpoint and os.path.isdir(cfg.load_checkpoint):
+        return cfg.load_checkpoint
+    raise ConfigError("no tokenizer: set processor.tokenizer.vocab_file (or --vocab_file)")
+
+
+def _dataset(cfg, section_name):
+    from .data import build_dataset
+    section = cfg[section_name]
+    seq = section.seq_length or cfg.model.model_config and cfg.model.model_config.get("seq_length") or 512
+    if not section.data_loader.dataset_dir:
+        raise ConfigError(f"{section_name}.data_loader.dataset_dir is empty (or pass --{section_name}_dir)")
+    return build_dataset(section.to_plain(), tokenizer_path(cfg), int(seq))
+
+
+def run(cfg, predict: dict = None):
+    rank = setup_context(cfg)
+    log = print if rank.is_main else (lambda *a, **k: None)
+    from .parallel.plan import preflight
+    preflight(cfg, model_config(cfg, log=lambda *a: None), rank, log=log)
+    if cfg.run_mode == "plan":
+        return 0
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    if rank.is_main:
+        with open(os.path.join(cfg.output_dir, "config_resolved.json"), "w", encoding="utf-8") as f:
+            json.dump(cfg.to_plain(), f, indent=2, default=str)
+    if cfg.run_mode in ("train", "finetune"):
+        return _train(cfg, rank, log)
+    if cfg.run_mode == "eval":
+        return _eval(cfg, rank, log)
+    return _predict(cfg, predict or {}, log)
+
+
+def _train(cfg, rank, log):
+    from .trainer.loop import evaluate, train
+    model = build_model(cfg, rank.rank, log)
+    train_ds = _dataset(cfg, "train_dataset")
+    eval_ds = _dataset(cfg, "eval_dataset") if cfg.eval_dataset.data_loader.dataset_dir else None
+    log(f"[data] {len(train_ds)} training samples" + (f", {len(eval_ds)} eval samples" if eval_ds else ""))
+    res = train(cfg, model, train_ds, eval_ds, rank)
+    if eval_ds is not None and rank.is_main:
+        ev = evaluate(model, eval_ds, cfg.runner_config.batch_size)
+        log(f"[eval] final: loss {ev['loss']:.6f} perplexity {ev['perplexity']:.3f}")
+        _write_json(os.path.join(cfg.output_dir, "eval_results.json"), {"step": res.step, **ev})
+    log(f"[done] {res.step} steps; last checkpoint {res.last_checkpoint or '(none: no CheckpointMonitor)'}")
+    return 0
+
+
+def _eval(cfg, rank, log):
+    from .trainer.loop import evaluate
+    model = build_model(cfg, rank.rank, log)
+    section = "eval_dataset" if cfg.eval_dataset.data_loader.dataset_dir else "train_dataset"
+    ds = _dataset(cfg, section)
+    ev = evaluate(model, ds, cfg.runner_config.batch_size)
+    log(f"[eval] {len(ds)} samples, {int(ev['tokens'])} tokens: loss {ev['loss']:.6f} "
+        f"perplexity {ev['perplexity']:.3f}")
+    if rank.is_main:
+        _write_json(os.path.join(cfg.output_dir, "eval_results.json"), ev)
+    return 0
+
+
+def _predict(cfg, predict, log):
+    from .generation import generate
+    from .tokenizer import load_tokenizer
+    prompts = predict.get("predict_data")
+    if not prompts:
+        raise ConfigError("run_mode predict needs --predict_data \"your prompt\"")
+    model = build_model(cfg, 0, log)
+    model.set_train(False)
+    tok = load_tokenizer(tokenizer_path(cfg))
+    mc = model.config
+    for text in prompts:
+        ids = tok.encode(text, add_special_tokens=True)
+        out = generate(model, [ids], max_new_tokens=predict.get("max_new_tokens", mc.max_decode_length),
+                       do_sample=predict.get("do_sample", mc.do_sample),
+                       temperature=predict.get("temperature", mc.temperature),
+                       top_k=predict.get("top_k", mc.top_k), top_p=predict.get("top_p", mc.top_p),
+                       eos_token_id=mc.eos_token_ids, seed=cfg.seed)[0]
+        completion = tok.decode(out[len(ids):], skip_special_tokens=True)
+        print(json.dumps({"prompt": text, "completion": completion, "tokens": out}, ensure_ascii=False))
+    return 0
+
+
+def _write_json(path, obj):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
