@@ -27,6 +27,12 @@ def setup_context(cfg):
     target = cfg.context.device_target
     if not target:
         target = "Ascend" if ms.hal.is_available("Ascend") else "CPU"
+    if target != "CPU" and not ms.hal.is_available(target):
+        if cfg.run_mode == "plan":
+            target = "CPU"      # planning needs no device
+        else:
+            raise ConfigError(f"context.device_target is {target}, but no {target} device is available on this "
+                              "machine; pass --device_target CPU (or --options context.device_target=CPU)")
     cfg.context.device_target = target
     ms.set_device(target)
     ms.set_context(mode=ms.PYNATIVE_MODE)   # mode 0 compiles the train step with mindspore.jit
