@@ -20,13 +20,18 @@ class _Loader(yaml.SafeLoader):
 
 
 def _construct_mapping(loader, node):
-    loader.flatten_mapping(node)
+    explicit = sum(1 for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge")
+    loader.flatten_mapping(node)      # `<<: *anchor` entries come first; explicit keys may override them
     d = LineDict()
     d.file = loader.name
-    for key_node, value_node in node.value:
+    first_explicit = len(node.value) - explicit
+    seen = set()
+    for i, (key_node, value_node) in enumerate(node.value):
         key = loader.construct_object(key_node, deep=True)
-        if key in d:
+        if i >= first_explicit and key in seen:
             raise ConfigError(f"{loader.name}:{key_node.start_mark.line + 1}: key '{key}' appears twice")
+        if i >= first_explicit:
+            seen.add(key)
         d[key] = loader.construct_object(value_node, deep=True)
         d.lines[key] = key_node.start_mark.line + 1
     return d

@@ -24,12 +24,15 @@ def init_parallel(cfg) -> RankInfo:
         return RankInfo()
     import mindspore as ms
     from mindspore.communication import get_group_size, get_rank, init
+    pc = cfg.parallel_config
     if "MS_WORKER_NUM" not in os.environ and "RANK_SIZE" not in os.environ:
+        if cfg.run_mode == "plan":   # plan the layout as if launched on dp*mp*pp workers
+            world = pc.data_parallel * pc.model_parallel * pc.pipeline_stage
+            return RankInfo(rank=0, world_size=world, dp_size=pc.data_parallel)
         raise ConfigError("use_parallel is True but this process was not started by msrun; launch with "
                           "bash scripts/msrun_launcher.sh \"run_mindformer.py ...\" N, or pass --use_parallel False")
     init()
     world, rank = get_group_size(), get_rank()
-    pc = cfg.parallel_config
     mp, pp = pc.model_parallel, pc.pipeline_stage
     if cfg.context.device_target == "CPU" and (mp > 1 or pp > 1):
         raise ConfigError(f"parallel_config: model_parallel {mp} / pipeline_stage {pp} need Ascend "
