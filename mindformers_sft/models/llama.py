@@ -1,0 +1,318 @@
+"""Llama-family decoder (Llama-2, Llama-3/3.1, Qwen2/2.5) as a MindSpore Cell with MindFormers parameter names.
+
+Parameter names (exactly MindFormers'; see convert/names.py):
+  model.tok_embeddings.embedding_weight              (vocab, hidden)
+  model.layers.N.attention.wq|wk|wv|wo.weight        (out, in) as in HF; wq/wk/wv `.bias` when qkv_has_bias
+  model.layers.N.feed_forward.w1|w2|w3.weight        w1 = gate, w2 = down, w3 = up
+  model.layers.N.attention_norm.weight, model.layers.N.ffn_norm.weight, model.norm_out.weight
+  lm_head.weight                                     absent when tie_word_embeddings (logits use the embedding)
+Every projection is its own `Linear` cell (attributes `attention.wq`, ..., `feed_forward.w3`), so a LoRA wrapper
+can swap them by name. Parameters are stored in `param_init_type` and cast to `compute_dtype` inside; norms,
+softmax, logits and the loss are fp32. Device-specific kernels live in kernels.py.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common.initializer import Normal, initializer
+
+from ..errors import ConfigError
+from . import kernels
+from .config import LlamaConfig
+
+MS_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
+
+
+def _cast(x, dtype):
+    return x if x.dtype == dtype else ops.cast(x, dtype)
+
+
+def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
+    """Rotary inverse frequencies (head_dim/2,) float32, as transformers' rope init functions.
+
+    Supports rope_scaling None / 'default', 'linear' and 'llama3' (transformers' _compute_llama3_parameters);
+    other types (e.g. 'dynamic', 'yarn') raise ConfigError.
+    """
+    dim = config.head_dim
+    inv = (1.0 / (np.float32(config.theta) ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim)))
+    inv = inv.astype(np.float32)
+    rs = config.rope_scaling
+    rtype = (rs.get("rope_type", rs.get("type", "default")) if rs else "default")
+    if rtype == "default":
+        return inv
+    if rtype == "linear":
+        return (inv / np.float32(rs["factor"])).astype(np.float32)
+    if rtype != "llama3":
+        raise ConfigError(f"model_config.rope_scaling: rope_type '{rtype}' is not supported; "
+                          "expected one of 'default', 'linear', 'llama3'")
+    try:
+        factor, low, high = (np.float32(rs[k]) for k in ("factor", "low_freq_factor", "high_freq_factor"))
+        old_len = np.float32(rs["original_max_position_embeddings"])
+    except KeyError as e:
+        raise ConfigError(f"model_config.rope_scaling: 'llama3' needs key {e.args[0]!r}") from None
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = np.float32(2 * math.pi) / inv
+    inv_l = np.where(wavelen > low_wavelen, inv / factor, inv).astype(np.float32)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * inv_l / factor + smooth * inv_l
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, inv_l).astype(np.float32)
+
+
+def make_mask(q_index, k_index, q_seg=None, k_seg=None):
+    """Bool (B, 1, Sq, Sk): key j visible to query i iff k_index[j] <= q_index[i] (and same segment if given).
+
+    q_index (Sq,), k_index (Sk,) are positions in the (cached) sequence; q_seg (B, Sq), k_seg (B, Sk) int.
+    """
+    mask = ops.expand_dims(k_index, 0) <= ops.expand_dims(q_index, 1)              # (Sq, Sk)
+    mask = ops.expand_dims(ops.expand_dims(mask, 0), 0)                             # (1, 1, Sq, Sk)
+    if q_seg is not None:
+        same = ops.expand_dims(q_seg, 2) == ops.expand_dims(k_seg, 1)              # (B, Sq, Sk)
+        mask = ops.logical_and(mask, ops.expand_dims(same, 1))
+    return mask
+
+
+class Linear(nn.Cell):
+    """y = x @ weight.T (+ bias); weight (out_features, in_features) stored in param_dtype, computed in compute_dtype."""
+
+    def __init__(self, in_features, out_features, has_bias=False, param_dtype=ms.float32,
+                 compute_dtype=ms.float32, init_std=0.02):
+        super().__init__()
+        self.in_features, self.out_features, self.has_bias = in_features, out_features, has_bias
+        self.compute_dtype = compute_dtype
+        self.weight = Parameter(initializer(Normal(init_std), (out_features, in_features), param_dtype), name="weight")
+        self.bias = (Parameter(initializer("zeros", (out_features,), param_dtype), name="bias")
+                     if has_bias else None)
+        self.matmul = ops.MatMul(transpose_b=True)
+
+    def construct(self, x):
+        shape = x.shape
+        y = self.matmul(ops.reshape(_cast(x, self.compute_dtype), (-1, self.in_features)),
+                        _cast(self.weight, self.compute_dtype))
+        if self.has_bias:
+            y = y + _cast(self.bias, self.compute_dtype)
+        return ops.reshape(y, shape[:-1] + (self.out_features,))
+
+
+class Embedding(nn.Cell):
+    def __init__(self, vocab_size, hidden_size, param_dtype, compute_dtype, init_std, fused):
+        super().__init__()
+        self.compute_dtype = compute_dtype
+        # MindSpore's CPU Gather has no bf16 kernel: cast the table first there
+        self.cast_first = (not fused) and param_dtype == ms.bfloat16
+        self.embedding_weight = Parameter(initializer(Normal(init_std), (vocab_size, hidden_size), param_dtype),
+                                          name="embedding_weight")
+
+    def construct(self, input_ids):
+        if self.cast_first:
+            return ops.gather(_cast(self.embedding_weight, self.compute_dtype), input_ids, 0)
+        return _cast(ops.gather(self.embedding_weight, input_ids, 0), self.compute_dtype)
+
+
+class RMSNorm(nn.Cell):
+    def __init__(self, dim, eps, param_dtype, fused):
+        super().__init__()
+        self.eps, self.fused = eps, fused
+        self.weight = Parameter(initializer("ones", (dim,), param_dtype), name="weight")
+
+    def construct(self, x):
+        return kernels.rms_norm(x, self.weight, self.eps, self.fused)
+
+
+class Attention(nn.Cell):
+    def __init__(self, cfg: LlamaConfig, fused: bool):
+        super().__init__()
+        pd, cd, std = MS_DTYPES[cfg.param_init_type], MS_DTYPES[cfg.compute_dtype], cfg.initializer_range
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.n_kv_heads, cfg.head_dim
+        self.scale, self.fused = 1.0 / math.sqrt(cfg.head_dim), fused
+        h, kvh = cfg.hidden_size, cfg.n_kv_heads * cfg.head_dim
+        self.wq = Linear(h, h, cfg.qkv_has_bias, pd, cd, std)
+        self.wk = Linear(h, kvh, cfg.qkv_has_bias, pd, cd, std)
+        self.wv = Linear(h, kvh, cfg.qkv_has_bias, pd, cd, std)
+        self.wo = Linear(h, h, False, pd, cd, std)
+
+    def construct(self, x, cos, sin, mask, past_k=None, past_v=None):
+        """x (B, S, H) -> (out (B, S, H), k, v) with k, v (B, Nkv, T, D) including past_k/past_v if given."""
+        b, s, _ = x.shape
+        q = ops.transpose(ops.reshape(self.wq(x), (b, s, self.n_heads, self.head_dim)), (0, 2, 1, 3))
+        k = ops.transpose(ops.reshape(self.wk(x), (b, s, self.n_kv, self.head_dim)), (0, 2, 1, 3))
+        v = ops.transpose(ops.reshape(self.wv(x), (b, s, self.n_kv, self.head_dim)), (0, 2, 1, 3))
+        q, k = kernels.apply_rope(q, k, cos, sin, self.fused)
+        if past_k is not None:
+            k = ops.cat((past_k, k), 2)
+            v = ops.cat((past_v, v), 2)
+        o = kernels.attention(q, k, v, mask, self.scale, self.fused)
+        o = ops.reshape(ops.transpose(o, (0, 2, 1, 3)), (b, s, self.n_heads * self.head_dim))
+        return self.wo(o), k, v
+
+
+class FeedForward(nn.Cell):
+    def __init__(self, cfg: LlamaConfig, fused: bool):
+        super().__init__()
+        pd, cd, std = MS_DTYPES[cfg.param_init_type], MS_DTYPES[cfg.compute_dtype], cfg.initializer_range
+        self.fused = fused
+        self.w1 = Linear(cfg.hidden_size, cfg.intermediate_size, False, pd, cd, std)  # gate
+        self.w2 = Linear(cfg.intermediate_size, cfg.hidden_size, False, pd, cd, std)  # down
+        self.w3 = Linear(cfg.hidden_size, cfg.intermediate_size, False, pd, cd, std)  # up
+
+    def construct(self, x):
+        return self.w2(kernels.swiglu(self.w1(x), self.w3(x), self.fused))
+
+
+class DecoderLayer(nn.Cell):
+    def __init__(self, cfg: LlamaConfig, fused: bool):
+        super().__init__()
+        pd = MS_DTYPES[cfg.param_init_type]
+        self.attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, fused)
+        self.attention = Attention(cfg, fused)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, fused)
+        self.feed_forward = FeedForward(cfg, fused)
+
+    def construct(self, x, cos, sin, mask, past_k=None, past_v=None):
+        a, k, v = self.attention(self.attention_norm(x), cos, sin, mask, past_k, past_v)
+        x = x + a
+        x = x + self.feed_forward(self.ffn_norm(x))
+        return x, k, v
+
+
+class LlamaModel(nn.Cell):
+    """Embedding, decoder layers and final norm; returns hidden states (B, S, H) in compute dtype."""
+
+    def __init__(self, cfg: LlamaConfig, fused: bool):
+        super().__init__()
+        pd, cd = MS_DTYPES[cfg.param_init_type], MS_DTYPES[cfg.compute_dtype]
+        self.tok_embeddings = Embedding(cfg.vocab_size, cfg.hidden_size, pd, cd, cfg.initializer_range, fused)
+        self.layers = nn.CellList([DecoderLayer(cfg, fused) for _ in range(cfg.num_layers)])
+        self.norm_out = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, fused)
+        self.inv_freq = Tensor(rope_inv_freq(cfg).reshape(1, 1, -1))  # constant, not a Parameter
+
+    def rope(self, position_ids):
+        """cos, sin (B, 1, S, D) fp32 for int positions (B, S)."""
+        freqs = ops.expand_dims(ops.cast(position_ids, ms.float32), -1) * self.inv_freq
+        emb = ops.cat((freqs, freqs), -1)
+        return ops.expand_dims(ops.cos(emb), 1), ops.expand_dims(ops.sin(emb), 1)
+
+    def construct(self, tokens, position_ids, mask):
+        x = self.tok_embeddings(tokens)
+        cos, sin = self.rope(position_ids)
+        for layer in self.layers:
+            x, _, _ = layer(x, cos, sin, mask)
+        return self.norm_out(x)
+
+    def forward_with_cache(self, tokens, position_ids, mask, past):
+        """PyNative helper: like construct, with past = list of (k, v) per layer or None; returns (h, presents)."""
+        x = self.tok_embeddings(tokens)
+        cos, sin = self.rope(position_ids)
+        presents = []
+        for i, layer in enumerate(self.layers):
+            pk, pv = past[i] if past is not None else (None, None)
+            x, k, v = layer(x, cos, sin, mask, pk, pv)
+            presents.append((k, v))
+        return self.norm_out(x), presents
+
+
+class KVCache:
+    """Concatenating KV cache (PyNative): per layer (k, v) of shape (B, Nkv, length, D), post-RoPE."""
+
+    def __init__(self, layers: List[Tuple[Tensor, Tensor]], length: int):
+        self.layers, self.length = layers, length
+
+
+class LlamaForCausalLM(nn.Cell):
+    """Llama / Qwen2 causal LM.
+
+    Training / eval (graph-mode safe):
+      construct(input_ids, labels=None, position_ids=None, segment_ids=None) -> mean token loss (fp32 scalar)
+        input_ids, labels: (B, S+1) int32, UNSHIFTED as in MindFormers: the model reads tokens = input_ids[:, :-1]
+        and predicts targets = labels[:, 1:] (labels None -> input_ids[:, 1:]); targets equal to
+        config.ignore_token_id (-100) are not supervised. Loss = sum / max(count, 1) of loss_sum_and_count.
+        position_ids, segment_ids (packing): (B, S) int32 describing the S model tokens input_ids[:, :-1].
+        position_ids restart at 0 at each packed sample (default arange(S)); segment_ids are 1, 2, ... per packed
+        sample and 0 for padding; attention is then causal and only within the same segment id.
+      loss_sum_and_count(same inputs) -> (sum of token cross-entropies, number of supervised tokens), fp32 scalars.
+      logits(input_ids, position_ids=None, segment_ids=None) -> (B, S, vocab) fp32, all positions, no shift.
+    Inference with a KV cache (PyNative):
+      prefill(input_ids) -> (logits of the last position (B, vocab) fp32, KVCache)
+      decode_step(token_ids (B,) or (B, 1), cache) -> (logits (B, vocab) fp32, KVCache)
+      forward_with_cache(input_ids (B, s), cache or None) -> (logits (B, s, vocab) fp32, KVCache)
+      Prompts in a batch must have equal length (no left padding).
+    """
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.fused = kernels.use_fused()
+        if not self.fused and config.compute_dtype == "bfloat16":
+            raise ConfigError("model_config.compute_dtype: 'bfloat16' needs Ascend (MindSpore's CPU backend has no "
+                              "bf16 kernels); use 'float32' on CPU (param_init_type may stay 'bfloat16')")
+        self.compute_dtype = MS_DTYPES[config.compute_dtype]
+        self.ignore_token_id = config.ignore_token_id
+        self.model = LlamaModel(config, self.fused)
+        self.tie = config.tie_word_embeddings
+        if not self.tie:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, False, MS_DTYPES[config.param_init_type],
+                                  self.compute_dtype, config.initializer_range)
+        self.head_matmul = ops.MatMul(transpose_b=True)
+
+    def _head(self, h):
+        """Hidden (B, S, H) -> fp32 logits (B, S, V)."""
+        if self.tie:
+            b, s, hd = h.shape
+            w = _cast(self.model.tok_embeddings.embedding_weight, self.compute_dtype)
+            y = ops.reshape(self.head_matmul(ops.reshape(h, (-1, hd)), w), (b, s, -1))
+        else:
+            y = self.lm_head(h)
+        return _cast(y, ms.float32)
+
+    def logits(self, input_ids, position_ids=None, segment_ids=None):
+        b, s = input_ids.shape
+        index = ops.arange(s, dtype=ms.int32)
+        if position_ids is None:
+            position_ids = ops.broadcast_to(ops.expand_dims(index, 0), (b, s))
+        mask = ops.broadcast_to(make_mask(index, index, segment_ids, segment_ids), (b, 1, s, s))
+        return self._head(self.model(input_ids, position_ids, mask))
+
+    def loss_sum_and_count(self, input_ids, labels=None, position_ids=None, segment_ids=None):
+        tokens = input_ids[:, :-1]
+        targets = labels[:, 1:] if labels is not None else input_ids[:, 1:]
+        logits = self.logits(tokens, position_ids, segment_ids)
+        vocab = logits.shape[-1]
+        logits = ops.reshape(logits, (-1, vocab))
+        targets = ops.cast(ops.reshape(targets, (-1,)), ms.int32)
+        valid = targets != self.ignore_token_id
+        safe = ops.select(valid, targets, ops.zeros_like(targets))
+        m = ops.stop_gradient(ops.amax(logits, -1, True))
+        lse = ops.log(ops.sum(ops.exp(logits - m), -1)) + ops.squeeze(m, -1)
+        picked = ops.squeeze(ops.gather_elements(logits, 1, ops.expand_dims(safe, -1)), -1)
+        validf = ops.cast(valid, ms.float32)
+        return ops.sum((lse - picked) * validf), ops.sum(validf)
+
+    def construct(self, input_ids, labels=None, position_ids=None, segment_ids=None):
+        loss_sum, count = self.loss_sum_and_count(input_ids, labels, position_ids, segment_ids)
+        return loss_sum / ops.maximum(count, 1.0)
+
+    # ---- KV-cache inference (PyNative) ----
+    def forward_with_cache(self, input_ids, cache: Optional[KVCache] = None):
+        input_ids = Tensor(np.asarray(input_ids, dtype=np.int32)) if not isinstance(input_ids, Tensor) else input_ids
+        b, s = input_ids.shape
+        start = cache.length if cache is not None else 0
+        q_index = ops.arange(start, start + s, dtype=ms.int32)
+        k_index = ops.arange(0, start + s, dtype=ms.int32)
+        mask = ops.broadcast_to(make_mask(q_index, k_index), (b, 1, s, start + s))
+        position_ids = ops.broadcast_to(ops.expand_dims(q_index, 0), (b, s))
+        h, presents = self.model.forward_with_cache(input_ids, position_ids, mask,
+                                                    cache.layers if cache is not None else None)
+        return self._head(h), KVCache(presents, start + s)
+
+    def prefill(self, input_ids):
+        logits, cache = self.forward_with_cache(input_ids, None)
+        return logits[:, -1], cache
+
+    def decode_step(self, token_ids, cache: KVCache):
+        ids = np.asarray(token_ids.asnumpy() if isinstance(token_ids, Tensor) else token_ids, dtype=np.int32)
+        logits, cache = self.forward_with_cache(ids.reshape(-1, 1), cache)
+        return logits[:, -1], cache
