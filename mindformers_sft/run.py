@@ -36,6 +36,8 @@ def setup_context(cfg):
     cfg.context.device_target = target
     ms.set_device(target)
     ms.set_context(mode=ms.PYNATIVE_MODE)   # mode 0 compiles the train step with mindspore.jit
+    if target == "CPU":
+        ms.runtime.launch_blocking()        # PyNative on CPU: synchronous launch is ~10x faster here
     if cfg.context.max_call_depth:
         ms.set_context(max_call_depth=cfg.context.max_call_depth)
     ms.set_seed(int(cfg.seed))
