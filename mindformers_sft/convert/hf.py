@@ -1,0 +1,480 @@
+"""Hugging Face <-> MindFormers weight conversion for the Llama family (Llama-2/3, Qwen2/2.5), streamed.
+
+Conversion is a rename (see :mod:`.names`): values are copied bit for bit, or cast with ``--dtype``.
+Tensors are read and written one at a time, so peak memory stays near the largest tensor plus one
+memory-mapped input shard, whatever the model size, for every output format (CKPT included: see
+:mod:`mindformers_sft.checkpoint.io`).
+
+Every tensor is checked before anything is written: its name must be a weight of the family, its shape
+must be the one :func:`expected_shapes` derives from the model config, and no expected tensor may be
+missing. Errors name the file and the tensor.
+
+Model config beside MindFormers weights
+    HF -> MindFormers writes the source ``config.json`` (verbatim, ``torch_dtype`` set to the output dtype)
+    to a sidecar ``<output stem>.config.json`` next to the output (``llama.ckpt`` -> ``llama.config.json``;
+    see :func:`sidecar_config_path`) and, for ``.safetensors`` output, also into the file's metadata
+    (``__metadata__["hf_config"]``, beside ``"format": "ms"``). MindFormers -> HF takes the config from
+    ``--config`` (an HF ``config.json`` or a MindFormers YAML with ``model.model_config``), else the sidecar,
+    else the safetensors metadata, else a ``config.json`` in the input's directory.
+
+Tied embeddings (``tie_word_embeddings: true``): the MindFormers side has no ``lm_head.weight`` (the head
+shares ``model.tok_embeddings.embedding_weight``), and the HF side is written without it too, as
+``save_pretrained`` does. An ``lm_head.weight`` present in a tied input (stories260K has one, equal to the
+embedding) is dropped: HF ignores it when loading a tied model, so nothing is lost.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..checkpoint.dtypes import cast, dtype_name, is_float, to_np_dtype
+from ..checkpoint.io import (CkptWriter, SafetensorsWriter, ShardedSafetensorsWriter, TensorInfo,
+                             atomic_write_json, checkpoint_files, file_format, file_infos, iter_file,
+                             parse_size, safetensors_metadata)
+from ..errors import CheckpointError, ConfigError, SFTError
+from ..models.config import LlamaConfig
+from .names import hf_to_mf, is_ignored_hf, mf_to_hf
+
+# --model value -> LlamaConfig.model_type. qwen2 and qwen2_5 are one family (Qwen2 with q/k/v bias).
+FAMILIES = {"llama": "llama", "llama2": "llama", "llama3": "llama", "qwen2": "qwen2", "qwen2_5": "qwen2",
+            "qwen2.5": "qwen2"}
+HF_CONFIG_METADATA_KEY = "hf_config"
+
+# Entries of MindFormers training checkpoints that are not model weights (optimizer state, counters).
+MF_IGNORED_PREFIXES = ("adam_m.", "adam_v.", "accu_grads.", "moment1.", "moment2.", "moments.", "optimizer.")
+MF_IGNORED_NAMES = frozenset({"global_step", "epoch_num", "step_num", "loss_scale", "scale_sense",
+                              "current_iterator_step", "last_overflow_iterator_step", "learning_rate",
+                              "beta1_power", "beta2_power"})
+
+
+def is_ignored_mf(name: str) -> bool:
+    """True for optimizer states and training counters stored in MindFormers checkpoints."""
+    return name in MF_IGNORED_NAMES or name.startswith(MF_IGNORED_PREFIXES)
+
+
+def model_family(model: Optional[str]) -> Optional[str]:
+    """LlamaConfig.model_type of a --model value ('llama' | 'qwen2' | 'qwen2_5'); None stays None."""
+    if model is None:
+        return None
+    fam = FAMILIES.get(str(model).strip().lower())
+    if fam is None:
+        raise ConfigError(f"--model: '{model}' is not supported; expected one of llama, qwen2, qwen2_5")
+    return fam
+
+
+# ------------------------------------------------------------------------------------------ shapes
+def expected_shapes(config: LlamaConfig) -> "OrderedDict[str, Tuple[int, ...]]":
+    """MindFormers parameter name -> shape for `config`, in model order.
+
+    q/k/v biases only with ``qkv_has_bias``; no ``lm_head.weight`` with ``tie_word_embeddings``.
+    Dense weights are (out_features, in_features), as in both HF and MindFormers.
+    """
+    h, v, ff = config.hidden_size, config.vocab_size, config.intermediate_size
+    hd = config.head_dim
+    q, kv = config.num_heads * hd, config.n_kv_heads * hd
+    out = OrderedDict()
+    out["model.tok_embeddings.embedding_weight"] = (v, h)
+    for i in range(config.num_layers):
+        p = f"model.layers.{i}."
+        out[p + "attention.wq.weight"] = (q, h)
+        out[p + "attention.wk.weight"] = (kv, h)
+        out[p + "attention.wv.weight"] = (kv, h)
+        if config.qkv_has_bias:
+            out[p + "attention.wq.bias"] = (q,)
+            out[p + "attention.wk.bias"] = (kv,)
+            out[p + "attention.wv.bias"] = (kv,)
+        out[p + "attention.wo.weight"] = (h, q)
+        out[p + "feed_forward.w1.weight"] = (ff, h)
+        out[p + "feed_forward.w2.weight"] = (h, ff)
+        out[p + "feed_forward.w3.weight"] = (ff, h)
+        out[p + "attention_norm.weight"] = (h,)
+        out[p + "ffn_norm.weight"] = (h,)
+    out["model.norm_out.weight"] = (h,)
+    if not config.tie_word_embeddings:
+        out["lm_head.weight"] = (v, h)
+    return out
+
+
+def expected_hf_shapes(config: LlamaConfig) -> "OrderedDict[str, Tuple[int, ...]]":
+    """The same as :func:`expected_shapes` with Hugging Face names."""
+    return OrderedDict((mf_to_hf(k), s) for k, s in expected_shapes(config).items())
+
+
+def _config_facts(c: LlamaConfig) -> str:
+    return (f"vocab_size={c.vocab_size}, hidden_size={c.hidden_size}, num_layers={c.num_layers}, "
+            f"num_heads={c.num_heads}, n_kv_heads={c.n_kv_heads}, intermediate_size={c.intermediate_size}, "
+            f"qkv_has_bias={c.qkv_has_bias}, tie_word_embeddings={c.tie_word_embeddings}")
+
+
+# ------------------------------------------------------------------------------------------ configs
+def sidecar_config_path(weights_path: str) -> str:
+    """Where the model config of a MindFormers weight file lives: ``dir/llama.ckpt`` -> ``dir/llama.config.json``."""
+    stem, _ = os.path.splitext(os.path.abspath(weights_path))
+    return stem + ".config.json"
+
+
+@dataclass
+class ModelSpec:
+    config: LlamaConfig
+    hf_config: dict            # the config.json to write on the HF side (verbatim when the source was one)
+    source: str                # file the config came from (for messages)
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return d
+
+
+def _spec_from_hf_dict(hf: dict, source: str, family: Optional[str]) -> ModelSpec:
+    cfg = LlamaConfig.from_hf_config(hf)  # errors name config.json; re-raise with the real path
+    if family is not None and cfg.model_type != family:
+        raise ConfigError(f"{source}: model_type '{hf.get('model_type', 'llama')}' does not match "
+                          f"--model (family '{family}')")
+    return ModelSpec(cfg, dict(hf), source)
+
+
+def load_model_config(path: str, model: Optional[str] = None) -> ModelSpec:
+    """A model config from an HF ``config.json`` (file or its directory) or a MindFormers YAML
+    (``model: model_config: {...}``); `model` (the --model family) fills in / checks ``model_type``."""
+    family = model_family(model)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: no such config file")
+    if path.lower().endswith((".yaml", ".yml")):
+        import yaml
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        mc = None
+        if isinstance(d, dict):
+            m = d.get("model")
+            if isinstance(m, dict) and isinstance(m.get("model_config"), dict):
+                mc = m["model_config"]
+            elif isinstance(d.get("model_config"), dict):
+                mc = d["model_config"]
+            elif "num_layers" in d and "hidden_size" in d:
+                mc = d
+        if mc is None:
+            raise ConfigError(f"{path}: no 'model: model_config:' section")
+        mc = dict(mc)
+        if family is not None:
+            if mc.get("model_type", family) != family:
+                raise ConfigError(f"{path}: model.model_config.model_type '{mc['model_type']}' does not match "
+                                  f"--model (family '{family}')")
+            mc["model_type"] = family
+        try:
+            cfg = LlamaConfig.from_dict(mc, where=f"{path}: model.model_config")
+        except TypeError as e:
+            raise ConfigError(f"{path}: model.model_config: {e}") from None
+        return ModelSpec(cfg, cfg.to_hf_config(), path)
+    hf = _read_json(path)
+    try:
+        return _spec_from_hf_dict(hf, path, family)
+    except ConfigError as e:
+        msg = str(e)
+        if msg.startswith("config.json:"):
+            msg = path + msg[len("config.json"):]
+        raise ConfigError(msg) from None
+
+
+# ------------------------------------------------------------------------------------------ planning
+@dataclass
+class _Item:
+    src: str
+    dst: str
+    mf: str
+    info: TensorInfo
+
+
+def _plan(infos: "OrderedDict[str, TensorInfo]", spec: ModelSpec, to_mf: bool, input_path: str) -> List[_Item]:
+    """Check every tensor of the input against the config; the tensors to write, in input order."""
+    cfg = spec.config
+    want = expected_shapes(cfg)
+    items, seen = [], {}
+    for name, info in infos.items():
+        if to_mf:
+            if is_ignored_hf(name):
+                continue
+            mf = hf_to_mf(name, source=info.file)
+        else:
+            if is_ignored_mf(name):
+                continue
+            mf_to_hf(name, source=info.file)    # raises for names that are not Llama weights
+            mf = name
+        if mf not in want:
+            if mf == "lm_head.weight" and cfg.tie_word_embeddings:
+                continue   # tied: the head is the embedding (HF ignores a stored lm_head when tied)
+            raise CheckpointError(
+                f"{info.file}: tensor '{name}' is not a weight of the model in {spec.source} "
+                f"({_config_facts(cfg)})")
+        if mf in seen:
+            raise CheckpointError(f"{info.file}: tensor '{name}' is also in {seen[mf]}")
+        seen[mf] = info.file
+        if tuple(info.shape) != tuple(want[mf]):
+            raise CheckpointError(
+                f"{info.file}: tensor '{name}' has shape {list(info.shape)} but {spec.source} implies "
+                f"{list(want[mf])} ({_config_facts(cfg)})")
+        items.append(_Item(name, mf if to_mf else mf_to_hf(mf), mf, info))
+    missing = [k for k in want if k not in seen]
+    if missing:
+        shown = ", ".join(f"'{k if not to_mf else mf_to_hf(k)}'" for k in missing[:3])
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CheckpointError(f"{input_path}: missing tensor(s) {shown}{more} that {spec.source} requires "
+                              f"({_config_facts(cfg)})")
+    return items
+
+
+def _stream(items: List[_Item], dtype) -> Iterator[Tuple[_Item, np.ndarray]]:
+    """(item, array cast to dtype) for every item, file by file, one tensor in memory at a time."""
+    by_file: "OrderedDict[str, Dict[str, _Item]]" = OrderedDict()
+    for it in items:
+        by_file.setdefault(it.info.file, {})[it.src] = it
+    for path, sel in by_file.items():
+        for name, arr in iter_file(path, list(sel)):
+            out = cast(arr, dtype, name=name, where=path)
+            del arr
+            yield sel[name], out
+            del out      # one tensor in memory at a time: drop it before reading the next
+
+
+def _out_dtype(info: TensorInfo, dtype) -> np.dtype:
+    return dtype if (dtype is not None and is_float(info.dtype)) else info.dtype
+
+
+def _set_config_dtype(hf_cfg: dict, name: Optional[str]):
+    """Record the weights' dtype in an HF config: in `dtype` (transformers >= 4.56) and/or `torch_dtype`,
+    whichever the config has (`torch_dtype` if neither)."""
+    if not name:
+        return
+    keys = [k for k in ("dtype", "torch_dtype") if k in hf_cfg] or ["torch_dtype"]
+    for k in keys:
+        hf_cfg[k] = name
+
+
+def _torch_dtype(items: List[_Item], dtype) -> Optional[str]:
+    ds = {_out_dtype(it.info, dtype) for it in items}
+    return dtype_name(next(iter(ds))) if len(ds) == 1 else None
+
+
+@dataclass
+class ConvertResult:
+    tensors: int
+    bytes: int
+    output_path: str
+    files: List[str] = field(default_factory=list)
+    config_path: str = ""
+    dtype: Optional[str] = None
+
+    def summary(self) -> str:
+        mib = self.bytes / 2 ** 20
+        dt = f" {self.dtype}" if self.dtype else ""
+        return (f"convert_weight: {self.tensors} tensors,{dt} {self.bytes} bytes ({mib:.2f} MiB) -> "
+                f"{self.output_path} (config: {self.config_path})")
+
+
+# ------------------------------------------------------------------------------------------ HF -> MF
+def _hf_input(input_path: str) -> Tuple[List[str], str]:
+    """(weight files, directory holding config.json) of an HF model dir, index.json or .safetensors file."""
+    if not os.path.exists(input_path):
+        raise CheckpointError(f"{input_path}: no such file or directory")
+    files = checkpoint_files(input_path)
+    for p in files:
+        if file_format(p) != "safetensors":
+            raise CheckpointError(f"{p}: not a safetensors file; HF -> MindFormers reads *.safetensors "
+                                  "(with model.safetensors.index.json when sharded)")
+    d = input_path if os.path.isdir(input_path) else os.path.dirname(os.path.abspath(input_path))
+    return files, d
+
+
+def _infos(files: Sequence[str]) -> "OrderedDict[str, TensorInfo]":
+    out = OrderedDict()
+    for p in files:
+        for k, info in file_infos(p).items():
+            if k in out:
+                raise CheckpointError(f"{p}: tensor '{k}' is also in {out[k].file}")
+            out[k] = info
+    return out
+
+
+def convert_hf_to_mf(input_path: str, output_path: str, model: Optional[str] = None, dtype=None,
+                     config: Optional[str] = None) -> ConvertResult:
+    """Convert an HF Llama/Qwen2 model (dir, index.json or .safetensors) to MindFormers names in one
+    ``.ckpt`` or ``.safetensors`` file, streaming, plus the ``<stem>.config.json`` sidecar."""
+    family = model_family(model)
+    np_dtype = to_np_dtype(dtype)
+    out = os.path.abspath(output_path)
+    fmt = "ckpt" if out.lower().endswith(".ckpt") else "safetensors" if out.lower().endswith(".safetensors") \
+        else None
+    if fmt is None:
+        raise ConfigError(f"--output_path: '{output_path}' must end with .ckpt (MindSpore) or .safetensors")
+    files, hf_dir = _hf_input(input_path)
+    if config is not None:
+        spec = load_model_config(config, model)
+    else:
+        cpath = os.path.join(hf_dir, "config.json")
+        if not os.path.isfile(cpath):
+            raise ConfigError(f"{cpath}: no Hugging Face config.json beside the weights; pass --config")
+        spec = load_model_config(cpath, model)
+    if family is None:
+        family = spec.config.model_type
+    items = _plan(_infos(files), spec, to_mf=True, input_path=input_path)
+
+    hf_cfg = dict(spec.hf_config)
+    tdt = _torch_dtype(items, np_dtype)
+    _set_config_dtype(hf_cfg, tdt)
+    cfg_json = json.dumps(hf_cfg, ensure_ascii=False)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    if fmt == "ckpt":
+        writer = CkptWriter(out)
+    else:
+        writer = SafetensorsWriter(out, metadata={"format": "ms", HF_CONFIG_METADATA_KEY: cfg_json},
+                                   spec=[(it.dst, _out_dtype(it.info, np_dtype), it.info.shape) for it in items])
+    try:
+        for it, arr in _stream(items, np_dtype):
+            writer.add(it.dst, arr)
+            del arr
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+    side = sidecar_config_path(out)
+    atomic_write_json(side, hf_cfg)
+    return ConvertResult(len(items), writer.nbytes, out, [out], side, tdt)
+
+
+# ------------------------------------------------------------------------------------------ MF -> HF
+def _find_config_for_mf(files: Sequence[str], input_path: str, model: Optional[str]) -> ModelSpec:
+    for p in files:
+        side = sidecar_config_path(p)
+        if os.path.isfile(side):
+            return load_model_config(side, model)
+    for p in files:
+        if file_format(p) == "safetensors":
+            meta = safetensors_metadata(p) or {}
+            if HF_CONFIG_METADATA_KEY in meta:
+                try:
+                    hf = json.loads(meta[HF_CONFIG_METADATA_KEY])
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"{p}: metadata '{HF_CONFIG_METADATA_KEY}' is not valid JSON ({e.msg})") \
+                        from None
+                return _spec_from_hf_dict(hf, f"{p} (metadata)", model_family(model))
+    d = input_path if os.path.isdir(input_path) else os.path.dirname(os.path.abspath(input_path))
+    cj = os.path.join(d, "config.json")
+    if os.path.isfile(cj):
+        return load_model_config(cj, model)
+    raise ConfigError(f"{input_path}: no model config found (no {os.path.basename(sidecar_config_path(files[0]))} "
+                      "sidecar, no config in the file's metadata, no config.json beside it); pass --config "
+                      "with an HF config.json or a MindFormers YAML")
+
+
+def convert_mf_to_hf(input_path: str, output_path: str, model: Optional[str] = None, dtype=None,
+                     config: Optional[str] = None, max_shard_size="5GB") -> ConvertResult:
+    """Convert MindFormers weights (.ckpt/.safetensors file or a directory of them) to an HF model directory
+    (config.json + model.safetensors, sharded with model.safetensors.index.json above `max_shard_size`)."""
+    model_family(model)
+    np_dtype = to_np_dtype(dtype)
+    shard = parse_size(max_shard_size)
+    if not os.path.exists(input_path):
+        raise CheckpointError(f"{input_path}: no such file or directory")
+    out = os.path.abspath(output_path)
+    if os.path.isfile(out) or out.lower().endswith((".bin", ".safetensors", ".ckpt", ".pth")):
+        raise ConfigError(f"--output_path: '{output_path}' must be a directory (the Hugging Face model dir "
+                          "to write config.json and model*.safetensors into)")
+    files = checkpoint_files(input_path)
+    spec = load_model_config(config, model) if config is not None else _find_config_for_mf(files, input_path, model)
+    items = _plan(_infos(files), spec, to_mf=False, input_path=input_path)
+
+    hf_cfg = dict(spec.hf_config)
+    tdt = _torch_dtype(items, np_dtype)
+    _set_config_dtype(hf_cfg, tdt)
+    os.makedirs(out, exist_ok=True)
+    writer = ShardedSafetensorsWriter(out, shard, metadata={"format": "pt"},
+                                      spec=[(it.dst, _out_dtype(it.info, np_dtype), it.info.shape) for it in items])
+    try:
+        for it, arr in _stream(items, np_dtype):
+            writer.add(it.dst, arr)
+            del arr
+    except BaseException:
+        writer.abort()
+        raise
+    res = writer.close()
+    cfg_path = os.path.join(out, "config.json")
+    atomic_write_json(cfg_path, hf_cfg)
+    return ConvertResult(len(items), writer.nbytes, out, res["files"], cfg_path, tdt)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="convert_weight.py",
+        description="Convert Llama/Qwen2 weights between Hugging Face (safetensors) and MindFormers "
+                    "(.ckpt or .safetensors) names, streaming one tensor at a time.")
+    p.add_argument("--model", default=None,
+                   help="llama | qwen2 | qwen2_5 (default: the config's model_type)")
+    p.add_argument("--reversed", action="store_true", help="MindFormers -> Hugging Face directory")
+    p.add_argument("--input_path", default=None,
+                   help="HF model dir / index.json / .safetensors (forward); MindFormers .ckpt / .safetensors "
+                        "file or directory (--reversed)")
+    p.add_argument("--output_path", default=None,
+                   help="OUT.ckpt or OUT.safetensors (forward); a directory (--reversed)")
+    p.add_argument("--dtype", default=None, help="fp32 | fp16 | bf16 (default: keep the input dtype)")
+    p.add_argument("--config", "--config_path", dest="config", default=None,
+                   help="HF config.json or MindFormers YAML (default: beside the input)")
+    p.add_argument("--max_shard_size", default="5GB", help="--reversed: shard size, e.g. 5GB, 500MB, 10MB")
+    # MindFormers' per-model convert_weight.py flags (HF side / MindSpore side paths).
+    p.add_argument("--torch_ckpt_dir", "--torch_ckpt_path", dest="hf_path", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--mindspore_ckpt_path", dest="ms_path", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--qkv_concat", default="false", help=argparse.SUPPRESS)
+    return p
+
+
+def run(argv: Optional[Sequence[str]] = None) -> ConvertResult:
+    """Parse flags and convert; raises SFTError (ConfigError / CheckpointError) on bad input."""
+    args = build_parser().parse_args(argv)
+    if str(args.qkv_concat).strip().lower() in ("1", "true", "yes"):
+        raise ConfigError("--qkv_concat: concatenated q/k/v (w_qkv) weights are not supported; "
+                          "the separate wq/wk/wv layout is written")
+    src_alias, dst_alias = (args.ms_path, args.hf_path) if args.reversed else (args.hf_path, args.ms_path)
+    for flag, val, alias, aname in (("--input_path", args.input_path, src_alias, "input"),
+                                    ("--output_path", args.output_path, dst_alias, "output")):
+        if val is not None and alias is not None and os.path.abspath(val) != os.path.abspath(alias):
+            raise ConfigError(f"{flag} and its old alias name two different {aname} paths")
+    inp = args.input_path or src_alias
+    outp = args.output_path or dst_alias
+    if not inp:
+        raise ConfigError("--input_path is required")
+    if not outp:
+        raise ConfigError("--output_path is required")
+    model_family(args.model)
+    if args.reversed:
+        return convert_mf_to_hf(inp, outp, args.model, args.dtype, args.config, args.max_shard_size)
+    return convert_hf_to_mf(inp, outp, args.model, args.dtype, args.config)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """CLI entry: prints a one-line summary; errors go to stderr with exit code 1."""
+    try:
+        res = run(argv)
+    except SFTError as e:
+        print(f"convert_weight: error: {e}", file=sys.stderr)
+        return 1
+    print(res.summary(), flush=True)
+    return 0
