@@ -48,14 +48,16 @@ def model_config(cfg, log=print):
     from .checkpoint.loading import is_hf_dir
     from .models.config import LlamaConfig
     from .models.registry import arch_model_type
-    mc = cfg.model.model_config
+    mc = dict(cfg.model.model_config or {})
     arch_type = arch_model_type(cfg.model.arch.type)
-    if mc:
-        mc = dict(mc)
+    if cfg.load_checkpoint and is_hf_dir(cfg.load_checkpoint):
+        # the Hugging Face config.json describes the weights; YAML model_config keys override it
+        base = LlamaConfig.from_hf_config(cfg.load_checkpoint).to_dict()
+        base.update(mc)
+        conf = LlamaConfig.from_dict(base)
+    elif mc:
         mc.setdefault("model_type", "qwen2" if arch_type == "qwen2" or mc.get("qkv_has_bias") else "llama")
         conf = LlamaConfig.from_dict(mc)
-    elif cfg.load_checkpoint and is_hf_dir(cfg.load_checkpoint):
-        conf = LlamaConfig.from_hf_config(cfg.load_checkpoint)
     else:
         raise ConfigError("model.model_config is missing and load_checkpoint is not a Hugging Face directory: "
                           "nothing says what model to build")

@@ -12,7 +12,7 @@ import yaml
 
 from ..errors import ConfigError
 from .schema import CALLBACKS, OPEN, SCHEMA
-from .yaml_lines import LineDict, load_yaml, where
+from .yaml_lines import LineDict, load_yaml, parse_value, where
 
 
 class Config(dict):
@@ -125,23 +125,23 @@ def parse_option(opt: str):
         raise ConfigError(f"--options '{opt}': expected key.sub=value")
     key, raw = opt.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
+        value = parse_value(raw) if raw != "" else ""
+    except (yaml.YAMLError, ConfigError):
         value = raw
     return key.strip().split("."), value
 
 
 def apply_option(cfg: dict, keys, value, source="--options"):
-    node = cfg
+    node, schema_node = cfg, SCHEMA
     for i, k in enumerate(keys[:-1]):
+        schema_node = schema_node.get(k) if isinstance(schema_node, dict) else None
         if not isinstance(node.get(k), dict):
-            if k not in node:
-                schema_node = SCHEMA
+            if schema_node is None and not (isinstance(node, dict) and k in node):
+                parent = SCHEMA
                 for kk in keys[:i]:
-                    schema_node = schema_node.get(kk, {}) if isinstance(schema_node, dict) else {}
-                opts = schema_node if isinstance(schema_node, dict) else {}
+                    parent = parent.get(kk, {}) if isinstance(parent, dict) else {}
                 raise ConfigError(f"{source} {'.'.join(keys)}: unknown key '{'.'.join(keys[:i + 1])}'"
-                                  f"{_closest(k, opts)}")
+                                  f"{_closest(k, parent if isinstance(parent, dict) else {})}")
             node[k] = LineDict()
         node = node[k]
     node[keys[-1]] = value

@@ -78,3 +78,13 @@ def where(d, key) -> str:
             return line
         return f"{d.file}:{line}" if line else d.file
     return "<config>"
+
+
+def parse_value(raw: str):
+    """A --options value parsed as YAML with the same float rules as config files ('1e-3' is a float)."""
+    loader = _Loader(raw)
+    loader.name = "--options"
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()

@@ -24,12 +24,12 @@ class LossMonitor:
         self.log = open(log_file, "a", encoding="utf-8") if log_file else None
         self.rank = rank
         self.t0 = time.time()
-        self.first_step = None
+        self.first_step = None   # the step a (possibly resumed) run started from
         self.tokens = 0.0
 
     def on_step(self, step, epoch, loss, lr, grad_norm, tokens, skipped=False):
         if self.first_step is None:
-            self.first_step, self.t0 = step - 1, time.time()
+            self.first_step = step - 1    # t0 stays at construction: the first step's compile time counts
         self.tokens += tokens
         done = step - self.first_step
         el = time.time() - self.t0

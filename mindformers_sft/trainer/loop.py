@@ -70,7 +70,7 @@ def train(cfg, model, train_ds, eval_ds=None, rank: RankInfo = RankInfo(), strea
         total = min(total, rc.max_steps)
     sched = build_lr_schedule(cfg.lr_schedule, total)
     trainable = [p for p in model.trainable_params()]
-    full = len(trainable) == len(model.get_parameters())
+    full = len(trainable) == len(list(model.get_parameters()))
     opt = AdamW(trainable, cfg.optimizer.beta1, cfg.optimizer.beta2, cfg.optimizer.eps, cfg.optimizer.weight_decay)
 
     ck = _callback(cfg, "CheckpointMonitor") or {}
