@@ -16,7 +16,8 @@ import os
 
 from ..convert.names import hf_to_mf, is_ignored_hf
 from ..errors import CheckpointError
-from .training_state import META, CheckpointManager, load_tensors
+from .io import checkpoint_files, iter_file, load_tensors
+from .training_state import META, CheckpointManager
 
 OPT_PREFIXES = ("adam_m.", "adam_v.", "global_step")
 
@@ -35,23 +36,21 @@ def _training_rank_dir(path, rank):
 
 
 def read_hf_dir(path) -> dict:
-    from ..models import read_safetensors
+    """MindFormers-named arrays of a Hugging Face directory (single file or index + shards)."""
     out = {}
-    for fp in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
-        for name, arr in read_safetensors(fp).items():
+    for fp in checkpoint_files(path):
+        for name, arr in iter_file(fp):
             if not is_ignored_hf(name):
                 out[hf_to_mf(name, source=fp)] = arr
     return out
 
 
 def read_file(path) -> dict:
-    if path.endswith(".safetensors"):
-        from ..models import read_safetensors
-        arrays = read_safetensors(path)
-        if any(k.startswith("model.embed_tokens") or ".self_attn." in k for k in arrays):
-            arrays = {hf_to_mf(k, source=path): v for k, v in arrays.items() if not is_ignored_hf(k)}
-        return arrays
-    return load_tensors(path)
+    """A MindFormers CKPT/safetensors file (a safetensors file with HF names is renamed)."""
+    arrays = load_tensors(path)
+    if any(k.startswith("model.embed_tokens") or ".self_attn." in k for k in arrays):
+        arrays = {hf_to_mf(k, source=path): v for k, v in arrays.items() if not is_ignored_hf(k)}
+    return arrays
 
 
 def split(arrays: dict):

@@ -14,13 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
-
-import numpy as np
-import mindspore as ms
-from mindspore import Tensor
 
 from ..errors import CheckpointError
+from .io import atomic_write_json, load_tensors, save_ckpt, save_safetensors
 
 META = "meta.json"
 
@@ -35,49 +31,15 @@ def _sha256(path, chunk=1 << 22):
             h.update(b)
 
 
-def _fsync_replace(tmp, final):
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    dfd = os.open(os.path.dirname(final) or ".", os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
-def write_json_atomic(obj, path):
-    d = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=d)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-    _fsync_replace(tmp, path)
-
-
 def save_tensors_atomic(arrays: dict, path: str, fmt: str = "ckpt"):
-    """Write name -> numpy/Tensor as a MindSpore CKPT or safetensors file, atomically."""
+    """Write name -> numpy as a MindSpore CKPT or safetensors file, atomically (temp file, fsync, rename)."""
     if fmt not in ("ckpt", "safetensors"):
         raise CheckpointError(f"checkpoint_format '{fmt}': expected 'ckpt' or 'safetensors'")
-    d = os.path.dirname(path) or "."
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="." + fmt, dir=d)
-    os.close(fd)
-    items = [{"name": k, "data": v if isinstance(v, Tensor) else Tensor(np.asarray(v))} for k, v in arrays.items()]
-    ms.save_checkpoint(items, tmp, format=fmt, crc_check=(fmt == "ckpt"))
-    _fsync_replace(tmp, path)
-
-
-def load_tensors(path: str) -> dict:
-    """name -> numpy from a CKPT or safetensors file; CheckpointError naming the file if unreadable."""
-    fmt = "safetensors" if path.endswith(".safetensors") else "ckpt"
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: checkpoint file not found")
-    try:
-        params = ms.load_checkpoint(path, format=fmt, crc_check=(fmt == "ckpt"))
-    except Exception as e:  # MindSpore raises ValueError/RuntimeError for truncated or corrupt files
-        raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") \
-            from None
-    return {k: v.asnumpy() for k, v in params.items()}
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    if fmt == "ckpt":
+        save_ckpt(arrays, path, manifest=False)   # meta.json carries size and sha256
+    else:
+        save_safetensors(arrays, path)
 
 
 def rank_dir(output_dir, rank):
@@ -109,7 +71,7 @@ class CheckpointManager:
         kept = [c for c in meta["checkpoints"] if c["file"] != name] + [entry]
         drop, kept = kept[:-self.keep_max], kept[-self.keep_max:]
         meta.update(checkpoints=kept, last_step=entry["step"], last_epoch=entry["epoch"], last_ckpt_file=name)
-        write_json_atomic(meta, os.path.join(self.dir, META))
+        atomic_write_json(os.path.join(self.dir, META), meta)
         for c in drop:
             try:
                 os.remove(os.path.join(self.dir, c["file"]))

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from mindformers_sft.checkpoint.training_state import load_tensors
+from mindformers_sft.checkpoint import load_tensors
 from tests.paths import ROOT
 
 STEPS = 14   # 12 steps per epoch: the resumed part crosses an epoch boundary
