@@ -16,7 +16,10 @@ DATASET = {
         "template": "auto",           # FastChat template name, or "auto" (tokenizer's chat_template)
         "tokenizer": "",              # tokenizer path; default: processor.tokenizer
         "map_keys": None,             # {"prompt": "instruction", "query": "input", ...}
-        "pack": False,
+        "pack": None,                 # False | True | "greedy" | "sequential"
+        "pack_max_samples": None,
+        "alpaca_prompt": "stanford",  # stanford (MindFormers' Alpaca prompts) | plain
+        "num_workers": 0,
         "train_on_prompt": False,
         "mask_history": False,
         "truncation": "turn",         # turn | drop

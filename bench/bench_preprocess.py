@@ -1,0 +1,104 @@
+"""Preprocessing throughput: mindformers_sft vs FastChat's train.preprocess, same data and tokenizer.
+
+Data: assets/data/alpaca_en_demo.json (999 Alpaca records) replicated to --records records (default 100k).
+  ours:     raw Alpaca JSON -> Stanford Alpaca prompt (alpaca_converter's) -> vicuna_v1.1 -> Llama-2
+            tokenizer.model -> masked rows of seq_length + 1 (mindformers_sft.data.pipeline.iter_rows: streaming
+            JSON reader, batched SentencePiece, numpy rows), in this process (and with --num_workers K).
+  FastChat: the same records converted to conversations by mindformers_sft.tools.alpaca_converter (not timed),
+            then json.load + fastchat.train.train.preprocess with transformers' LlamaTokenizer(legacy=True),
+            model_max_length = seq_length + 1, pad = unk (as FastChat's train.py sets up).
+Prints samples/s of both and the ratio. Not a test.
+
+    .venv/bin/python bench/bench_preprocess.py --records 20000
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+ALPACA = os.path.join(ROOT, "assets", "data", "alpaca_en_demo.json")
+LLAMA2 = os.path.join(ROOT, "assets", "tokenizers", "llama2", "tokenizer.model")
+
+
+def make_data(n: int, directory: str) -> str:
+    with open(ALPACA, encoding="utf-8") as f:
+        base = json.load(f)
+    path = os.path.join(directory, f"alpaca_{n}.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump([base[i % len(base)] for i in range(n)], f, ensure_ascii=False, indent=2)
+    return path
+
+
+def run_ours(path: str, seq_length: int, num_workers: int):
+    from mindformers_sft.data.pipeline import SFTOptions, iter_rows
+    from mindformers_sft.data.stats import RejectLog, Stats
+    from mindformers_sft.tokenizer import load_tokenizer
+    t0 = time.perf_counter()
+    tok = load_tokenizer(LLAMA2)
+    opts = SFTOptions(seq_length=seq_length, template="vicuna_v1.1", data_format="alpaca", num_workers=num_workers)
+    stats = Stats()
+    rows = 0
+    with RejectLog(None, stats) as log:
+        for chunk in iter_rows(path, tok, opts, stats, log):
+            rows += len(chunk)
+    return time.perf_counter() - t0, stats
+
+
+def run_fastchat(conv_path: str, seq_length: int):
+    import transformers
+    from fastchat.train import train as fct
+    transformers.logging.set_verbosity_error()
+    fct.local_rank = -1                          # rank0_print stays quiet (mismatch warnings)
+    t0 = time.perf_counter()
+    tok = transformers.LlamaTokenizer(vocab_file=LLAMA2, legacy=True, model_max_length=seq_length + 1,
+                                      padding_side="right")
+    tok.pad_token = tok.unk_token
+    with open(conv_path, encoding="utf-8") as f:
+        data = json.load(f)
+    out = fct.preprocess([d["conversations"] for d in data], tok)
+    return time.perf_counter() - t0, int(out["input_ids"].shape[0])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--records", type=int, default=100_000)
+    p.add_argument("--seq_length", type=int, default=512)
+    p.add_argument("--num_workers", type=int, default=2, help="also time ours with this many worker processes "
+                   "(<= 1: skip)")
+    p.add_argument("--skip_fastchat", action="store_true")
+    args = p.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as d:
+        path = make_data(args.records, d)
+        print(f"data: {args.records} Alpaca records ({os.path.getsize(path) / 1e6:.1f} MB), seq_length "
+              f"{args.seq_length}, Llama-2 tokenizer, vicuna_v1.1", flush=True)
+        t1, stats = run_ours(path, args.seq_length, 1)
+        ours = args.records / t1
+        print(f"ours (1 process):   {t1:7.2f} s  {ours:9.0f} samples/s   [{stats.line()}]", flush=True)
+        best = ours
+        if args.num_workers > 1:
+            tk, stats_k = run_ours(path, args.seq_length, args.num_workers)
+            best = max(best, args.records / tk)
+            print(f"ours ({args.num_workers} workers):  {tk:7.2f} s  {args.records / tk:9.0f} samples/s", flush=True)
+        if args.skip_fastchat:
+            return 0
+        from mindformers_sft.tools.alpaca_converter import convert
+        conv = os.path.join(d, "conversations.json")
+        with open(os.devnull, "w") as null:
+            convert(path, conv, log=null)
+        tf, n = run_fastchat(conv, args.seq_length)
+        fc = n / tf
+        print(f"FastChat preprocess: {tf:7.2f} s  {fc:9.0f} samples/s", flush=True)
+        print(f"ratio ours/FastChat: {ours / fc:.1f}x (1 process)"
+              + (f", {best / fc:.1f}x (best)" if best != ours else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

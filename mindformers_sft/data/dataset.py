@@ -1,0 +1,150 @@
+"""Training datasets with one interface: ``len(ds)`` and ``ds[i] -> dict`` of numpy arrays.
+
+Every item has ``input_ids`` and ``labels`` (int32, [S+1], unshifted: the model reads input_ids[:-1] and
+predicts labels[1:]). Items of packed data also have ``position_ids`` and ``segment_ids`` (int32, [S], aligned
+with input_ids[:-1]): segment 1, 2, ... per sample and 0 for padding; position ids restart at 0 per sample.
+Shuffling and data-parallel sharding are done over indices by data/sampler.py's BatchPlan, so datasets only
+need random access.
+
+* :class:`MindRecordDataset` -- MindFormers-schema MindRecord files (all rows loaded into memory at open).
+* :class:`OnlineSFTDataset` -- raw JSON/JSONL/Parquet/CSV data tokenized, masked and packed at load time by the
+  same code as tools/preprocess.py (like MindFormers' AlpacaInstructDataHandler).
+* :func:`build_dataset` -- either, from the YAML ``train_dataset`` section.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import numpy as np
+
+from ..errors import ConfigError, DataError
+from .packing import positions_and_segments
+from .pipeline import SFTOptions, iter_rows
+from .stats import RejectLog, Stats
+
+logger = logging.getLogger(__name__)
+
+
+class ArrayDataset:
+    """Rows held as int32 arrays [N, S+1] (and actual_seq_len [N, K] for packed data)."""
+
+    def __init__(self, input_ids: np.ndarray, labels: np.ndarray, actual_seq_len: Optional[np.ndarray] = None,
+                 source: str = ""):
+        self.input_ids = np.ascontiguousarray(input_ids, dtype=np.int32)
+        self.labels = np.ascontiguousarray(labels, dtype=np.int32)
+        self.actual_seq_len = None if actual_seq_len is None else np.ascontiguousarray(actual_seq_len, np.int32)
+        self.source = source
+        if self.input_ids.shape != self.labels.shape:
+            raise DataError(f"{source}: input_ids {self.input_ids.shape} and labels {self.labels.shape} differ")
+
+    @property
+    def seq_length(self) -> int:
+        return int(self.input_ids.shape[1]) - 1 if self.input_ids.ndim == 2 and self.input_ids.shape[1] else 0
+
+    @property
+    def packed(self) -> bool:
+        return self.actual_seq_len is not None
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def __getitem__(self, i) -> dict:
+        n = len(self)
+        i = int(i)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for a dataset of {n} rows")
+        item = {"input_ids": self.input_ids[i].copy(), "labels": self.labels[i].copy()}
+        if self.actual_seq_len is not None:
+            pos, seg = positions_and_segments(self.actual_seq_len[i], self.seq_length)
+            item["position_ids"], item["segment_ids"] = pos, seg
+        return item
+
+
+class MindRecordDataset(ArrayDataset):
+    """MindRecord file(s) in MindFormers' schema: a file (with its shards), a directory, a glob or a list.
+
+    seq_length, when given, is checked against the rows (S+1 long)."""
+
+    def __init__(self, path, seq_length: Optional[int] = None):
+        from .mindrecord import read_mindrecord
+        data, files = read_mindrecord(path)
+        self.files = files
+        super().__init__(data["input_ids"], data["labels"], data.get("actual_seq_len"), source=files[0])
+        if len(self) == 0:
+            raise DataError(f"{files[0]}: the MindRecord dataset has no rows")
+        if seq_length is not None and self.seq_length != int(seq_length):
+            raise ConfigError(f"{files[0]}: rows hold {self.seq_length + 1} tokens, but seq_length is {seq_length} "
+                              f"(rows must be seq_length + 1 = {int(seq_length) + 1} long); preprocess with "
+                              f"--seq_length {seq_length} or set seq_length {self.seq_length}")
+
+
+class OnlineSFTDataset(ArrayDataset):
+    """Raw SFT data tokenized at load time. `tokenizer` is a Tokenizer or a path for load_tokenizer.
+
+    Options are those of tools/preprocess.py (see pipeline.SFTOptions). After construction, ``stats`` holds
+    the counts and ``rejects`` the first rejected records; ``rejects_file`` also gets all of them."""
+
+    def __init__(self, files, tokenizer, template: str = "auto", seq_length: int = 2048, data_format: str = "auto",
+                 map_keys=None, pack=False, train_on_prompt: bool = False, mask_history: bool = False,
+                 truncation: str = "turn", rejects_file: str = "", alpaca_prompt: str = "stanford",
+                 pack_max_samples: Optional[int] = None, num_workers: int = 0, chunk_records: int = 512,
+                 verbose: bool = True):
+        if isinstance(tokenizer, str):
+            from ..tokenizer import load_tokenizer
+            tokenizer = load_tokenizer(tokenizer)
+        self.tokenizer = tokenizer
+        self.options = SFTOptions(seq_length=seq_length, template=template, data_format=data_format,
+                                  map_keys=map_keys, alpaca_prompt=alpaca_prompt, train_on_prompt=train_on_prompt,
+                                  mask_history=mask_history, truncation=truncation, pack=pack,
+                                  pack_max_samples=pack_max_samples, num_workers=num_workers,
+                                  chunk_records=chunk_records)
+        self.stats = Stats()
+        ids, labels, asl = [], [], []
+        with RejectLog(rejects_file or None, self.stats) as log:
+            for rows in iter_rows(files, tokenizer, self.options, self.stats, log):
+                for r in rows:
+                    ids.append(r["input_ids"])
+                    labels.append(r["labels"])
+                    if "actual_seq_len" in r:
+                        asl.append(r["actual_seq_len"])
+        self.rejects = log.items
+        src = str(files)
+        if not ids:
+            first = f"; first reject: {self.rejects[0]}" if self.rejects else ""
+            raise DataError(f"{src}: no usable sample ({self.stats.line()}){first}")
+        super().__init__(np.stack(ids), np.stack(labels), np.stack(asl) if asl else None, source=src)
+        if verbose:
+            logger.info("%s: %s", src, self.stats.line())
+            if self.stats.rejected and not rejects_file:
+                logger.warning("%s: %d records rejected (set rejects_file to list them all); first: %s",
+                               src, self.stats.rejected, self.rejects[0])
+
+
+def build_dataset(section: dict, tokenizer_path: str = "", seq_length: Optional[int] = None):
+    """A dataset from the YAML train_dataset / eval_dataset section (config/schema.py DATASET)."""
+    section = section or {}
+    dl = section.get("data_loader") or {}
+    kind = dl.get("type", "MindDataset")
+    seq = section.get("seq_length") or seq_length
+    path = dl.get("dataset_dir") or dl.get("data_files") or dl.get("path")
+    if not path:
+        raise ConfigError(f"train_dataset.data_loader.dataset_dir is empty; expected a "
+                          f"{'MindRecord file or directory' if kind == 'MindDataset' else 'data file, glob or directory'}")
+    if kind == "MindDataset":
+        return MindRecordDataset(path, seq_length=seq)
+    if kind == "SFTDataLoader":
+        if not seq:
+            raise ConfigError("train_dataset: seq_length is not set (and model_config.seq_length is missing)")
+        tok = dl.get("tokenizer") or tokenizer_path
+        if not tok:
+            raise ConfigError("train_dataset.data_loader.tokenizer is empty and processor.tokenizer gives no path")
+        return OnlineSFTDataset(
+            path, tok, template=dl.get("template", "auto"), seq_length=int(seq),
+            data_format=dl.get("data_format", "auto"), map_keys=dl.get("map_keys"), pack=dl.get("pack", False),
+            train_on_prompt=bool(dl.get("train_on_prompt", False)), mask_history=bool(dl.get("mask_history", False)),
+            truncation=dl.get("truncation", "turn"), rejects_file=dl.get("rejects_file", ""),
+            alpaca_prompt=dl.get("alpaca_prompt", "stanford"), pack_max_samples=dl.get("pack_max_samples"),
+            num_workers=int(dl.get("num_workers", 0) or 0))
+    raise ConfigError(f"train_dataset.data_loader.type {kind!r} is not supported; expected MindDataset (MindRecord) "
+                      "or SFTDataLoader (raw json/jsonl/parquet/csv, tokenized online)")
