@@ -65,43 +65,48 @@ def split(arrays: dict):
     return base, adapters, opt
 
 
-def read_weights(path: str, rank: int = 0, warn=print):
-    """-> (base, adapters, source) MindFormers-named arrays from any supported checkpoint form."""
+def resolve(path: str, rank: int = 0, warn=print):
+    """-> (kind, file_or_dir, meta_entry): kind 'hf' (a HF directory), or 'file' (a CKPT/safetensors file,
+    with its meta.json entry when it is a training checkpoint). Training directories resolve to their newest
+    verified checkpoint."""
     if not path:
         raise CheckpointError("load_checkpoint is empty: name a checkpoint file, a checkpoint directory or a "
                               "Hugging Face directory")
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: load_checkpoint does not exist")
     if is_hf_dir(path):
-        return read_hf_dir(path), {}, path
+        return "hf", path, None
     if os.path.isfile(path):
-        base, adapters, _ = split(read_file(path))
-        base = _with_base(path, base, adapters, rank, warn)
-        return base, adapters, path
+        return "file", path, _meta_entry(path)
     rdir = _training_rank_dir(path, rank)
     if rdir is None:
         raise CheckpointError(f"{path}: a directory with neither a Hugging Face model (config.json + *.safetensors) "
                               f"nor training checkpoints (rank_N/{META})")
     manager = CheckpointManager.__new__(CheckpointManager)
     manager.dir = rdir
-    entry, arrays = manager.latest(warn=warn)
+    entry = manager.latest_entry(warn=warn)
     if entry is None:
         raise CheckpointError(f"{rdir}: no readable checkpoint listed in {META}")
-    src = os.path.join(rdir, entry["file"])
-    base, adapters, _ = split(arrays)
-    if adapters and entry.get("base_checkpoint"):
-        base = {**read_weights(entry["base_checkpoint"], rank, warn)[0], **base}
+    return "file", os.path.join(rdir, entry["file"]), entry
+
+
+def read_weights(path: str, rank: int = 0, warn=print):
+    """-> (base, adapters, source) MindFormers-named arrays from any supported checkpoint form. An adapter-only
+    checkpoint brings in the base weights its meta.json records."""
+    kind, src, entry = resolve(path, rank, warn)
+    if kind == "hf":
+        return read_hf_dir(src), {}, src
+    base, adapters, _ = split(read_file(src))
+    if adapters and not base and (entry or {}).get("base_checkpoint"):
+        base = read_weights(entry["base_checkpoint"], rank, warn)[0]
     return base, adapters, src
 
 
-def _with_base(path, base, adapters, rank, warn):
-    """An adapter-only file next to a meta.json that records its base: load that base too."""
-    if not adapters or base:
-        return base
-    meta = os.path.join(os.path.dirname(path), META)
+def _meta_entry(path):
+    meta = os.path.join(os.path.dirname(os.path.abspath(path)), META)
     if os.path.isfile(meta):
         with open(meta, encoding="utf-8") as f:
             for c in json.load(f).get("checkpoints", []):
-                if c["file"] == os.path.basename(path) and c.get("base_checkpoint"):
-                    return read_weights(c["base_checkpoint"], rank, warn)[0]
-    return base
+                if c["file"] == os.path.basename(path):
+                    return c
+    return None

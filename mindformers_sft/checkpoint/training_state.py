@@ -90,6 +90,16 @@ class CheckpointManager:
             raise CheckpointError(f"{path}: sha256 differs from meta.json (corrupt)")
         return path
 
+    def latest_entry(self, warn=print):
+        """meta.json entry of the newest checkpoint whose file verifies (size, sha256), or None."""
+        for entry in sorted(self._meta()["checkpoints"], key=lambda c: c["step"], reverse=True):
+            try:
+                self.verify(entry)
+                return entry
+            except CheckpointError as e:
+                warn(f"[checkpoint] skipping {entry['file']}: {e}; trying the previous one")
+        return None
+
     def latest(self, name: str = None, warn=print):
         """(entry, arrays) of the newest verified checkpoint (or the one named), or (None, None) if none."""
         entries = self._meta()["checkpoints"]

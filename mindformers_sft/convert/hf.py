@@ -386,7 +386,8 @@ def _find_config_for_mf(files: Sequence[str], input_path: str, model: Optional[s
 
 
 def convert_mf_to_hf(input_path: str, output_path: str, model: Optional[str] = None, dtype=None,
-                     config: Optional[str] = None, max_shard_size="5GB") -> ConvertResult:
+                     config: Optional[str] = None, max_shard_size="5GB", spec: Optional[ModelSpec] = None
+                     ) -> ConvertResult:
     """Convert MindFormers weights (.ckpt/.safetensors file or a directory of them) to an HF model directory
     (config.json + model.safetensors, sharded with model.safetensors.index.json above `max_shard_size`)."""
     model_family(model)
@@ -399,7 +400,9 @@ def convert_mf_to_hf(input_path: str, output_path: str, model: Optional[str] = N
         raise ConfigError(f"--output_path: '{output_path}' must be a directory (the Hugging Face model dir "
                           "to write config.json and model*.safetensors into)")
     files = checkpoint_files(input_path)
-    spec = load_model_config(config, model) if config is not None else _find_config_for_mf(files, input_path, model)
+    if spec is None:
+        spec = load_model_config(config, model) if config is not None else _find_config_for_mf(files, input_path,
+                                                                                               model)
     items = _plan(_infos(files), spec, to_mf=False, input_path=input_path)
 
     hf_cfg = dict(spec.hf_config)
@@ -439,6 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", "--config_path", dest="config", default=None,
                    help="HF config.json or MindFormers YAML (default: beside the input)")
     p.add_argument("--max_shard_size", default="5GB", help="--reversed: shard size, e.g. 5GB, 500MB, 10MB")
+    p.add_argument("--peft_path", default=None,
+                   help="--reversed from a LoRA checkpoint: also write a PEFT adapter directory here")
+    p.add_argument("--base_path", default=None,
+                   help="--reversed from a LoRA checkpoint: base weights (default: recorded in its meta.json)")
     # MindFormers' per-model convert_weight.py flags (HF side / MindSpore side paths).
     p.add_argument("--torch_ckpt_dir", "--torch_ckpt_path", dest="hf_path", default=None, help=argparse.SUPPRESS)
     p.add_argument("--mindspore_ckpt_path", dest="ms_path", default=None, help=argparse.SUPPRESS)
@@ -465,8 +472,31 @@ def run(argv: Optional[Sequence[str]] = None) -> ConvertResult:
         raise ConfigError("--output_path is required")
     model_family(args.model)
     if args.reversed:
-        return convert_mf_to_hf(inp, outp, args.model, args.dtype, args.config, args.max_shard_size)
+        return _reversed(args, inp, outp)
     return convert_hf_to_mf(inp, outp, args.model, args.dtype, args.config)
+
+
+def _reversed(args, inp, outp) -> ConvertResult:
+    """MindFormers -> HF. A training checkpoint directory resolves to its newest verified file; a LoRA
+    checkpoint is merged into its base (and exported as a PEFT adapter with --peft_path)."""
+    from ..checkpoint.loading import _training_rank_dir, resolve
+    entry = None
+    if os.path.isdir(inp) and _training_rank_dir(inp, 0) is not None or os.path.isfile(inp):
+        _, inp, entry = resolve(inp, warn=lambda m: print(m, file=sys.stderr))
+    if os.path.isfile(inp) and any(k.endswith((".lora_a", ".lora_b")) and not k.startswith(("adam_m.", "adam_v."))
+                                   for k in file_infos(inp)):
+        from .lora_export import export_lora
+        res = export_lora(inp, outp, args.peft_path, args.config, args.base_path, args.dtype, args.max_shard_size)
+        files = checkpoint_files(res["output_path"])
+        return ConvertResult(res["merged_layers"], sum(os.path.getsize(f) for f in files), res["output_path"],
+                             files, os.path.join(res["output_path"], "config.json"), args.dtype)
+    if args.peft_path:
+        raise ConfigError(f"--peft_path: {inp} holds no LoRA adapters")
+    spec = None
+    if args.config is None and entry and entry.get("hf_config"):
+        spec = _spec_from_hf_dict(entry["hf_config"], os.path.join(os.path.dirname(inp), "meta.json"),
+                                  model_family(args.model))
+    return convert_mf_to_hf(inp, outp, args.model, args.dtype, args.config, args.max_shard_size, spec=spec)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

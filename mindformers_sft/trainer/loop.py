@@ -112,6 +112,7 @@ def train(cfg, model, train_ds, eval_ds=None, rank: RankInfo = RankInfo(), strea
     runner = TrainStep(model, opt, clip, scaler, jit=(cfg.context.mode == 0), data_parallel=rank.dp_size > 1)
     result = TrainResult(step=step)
     last_saved = step
+    hf_config = model.config.to_hf_config()   # lets convert_weight.py --reversed find the architecture
     base_ckpt = ""
     if not full:   # adapter-only checkpoints record the base weights they apply to
         base_ckpt = (entry or {}).get("base_checkpoint") or ""
@@ -123,7 +124,8 @@ def train(cfg, model, train_ds, eval_ds=None, rank: RankInfo = RankInfo(), strea
         epoch = at // plan.steps_per_epoch if plan.steps_per_epoch else 0
         path = manager.save(trainable_arrays(model, opt, full), at, epoch, at * plan.global_batch,
                             extra={"loss_scale": scaler.value if scaler else None, "seed": cfg.seed,
-                                   "full_weights": full, "base_checkpoint": base_ckpt})
+                                   "full_weights": full, "base_checkpoint": base_ckpt,
+                                   "pet_config": model.config.pet_config, "hf_config": hf_config})
         last_saved = at
         result.last_checkpoint = path
         return path
