@@ -121,6 +121,9 @@ class OnlineSFTDataset(ArrayDataset):
                                src, self.stats.rejected, self.rejects[0])
 
 
+from .split import apply_split  # noqa: E402
+
+
 def build_dataset(section: dict, tokenizer_path: str = "", seq_length: Optional[int] = None):
     """A dataset from the YAML train_dataset / eval_dataset section (config/schema.py DATASET)."""
     section = section or {}
@@ -132,19 +135,19 @@ def build_dataset(section: dict, tokenizer_path: str = "", seq_length: Optional[
         raise ConfigError(f"train_dataset.data_loader.dataset_dir is empty; expected a "
                           f"{'MindRecord file or directory' if kind == 'MindDataset' else 'data file, glob or directory'}")
     if kind == "MindDataset":
-        return MindRecordDataset(path, seq_length=seq)
+        return apply_split(MindRecordDataset(path, seq_length=seq), dl.get("split"))
     if kind == "SFTDataLoader":
         if not seq:
             raise ConfigError("train_dataset: seq_length is not set (and model_config.seq_length is missing)")
         tok = dl.get("tokenizer") or tokenizer_path
         if not tok:
             raise ConfigError("train_dataset.data_loader.tokenizer is empty and processor.tokenizer gives no path")
-        return OnlineSFTDataset(
+        return apply_split(OnlineSFTDataset(
             path, tok, template=dl.get("template", "auto"), seq_length=int(seq),
             data_format=dl.get("data_format", "auto"), map_keys=dl.get("map_keys"), pack=dl.get("pack", False),
             train_on_prompt=bool(dl.get("train_on_prompt", False)), mask_history=bool(dl.get("mask_history", False)),
             truncation=dl.get("truncation", "turn"), rejects_file=dl.get("rejects_file", ""),
             alpaca_prompt=dl.get("alpaca_prompt", "stanford"), pack_max_samples=dl.get("pack_max_samples"),
-            num_workers=int(dl.get("num_workers", 0) or 0))
+            num_workers=int(dl.get("num_workers", 0) or 0)), dl.get("split"))
     raise ConfigError(f"train_dataset.data_loader.type {kind!r} is not supported; expected MindDataset (MindRecord) "
                       "or SFTDataLoader (raw json/jsonl/parquet/csv, tokenized online)")

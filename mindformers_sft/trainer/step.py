@@ -38,8 +38,23 @@ class TrainStep:
             (loss, count), grads = grad_fn(scale, *batch)
             return loss, count, grads
 
+        def add(acc, grads):
+            return tuple(a + g for a, g in zip(acc, grads))
+
+        opt = optimizer
+
+        def apply(grads, lr):
+            return opt(grads, lr)
+
+        self.jit = jit
         self._micro = ms.jit(micro) if jit else micro
+        self._add = ms.jit(add) if jit else add
         self._update = ms.jit(self._finish) if jit else self._finish
+        self._apply = ms.jit(apply) if jit else apply
+
+    def _var(self, tensors):
+        """A tuple of tensors passed to a jit function as variables (not constants baked into the graph)."""
+        return ms.mutable(tuple(tensors)) if self.jit else tuple(tensors)
 
     def _scaled_loss_sum(self, scale, input_ids, labels, position_ids=None, segment_ids=None):
         s, n = self.model.loss_sum_and_count(input_ids, labels, position_ids, segment_ids)
@@ -67,7 +82,7 @@ class TrainStep:
             while args and args[-1] is None:
                 args.pop()
             loss, count, grads = self._micro(scale_t, *args)
-            acc = grads if acc is None else tuple(a + g for a, g in zip(acc, grads))
+            acc = grads if acc is None else self._add(self._var(acc), self._var(grads))
             loss_sum += float(loss.asnumpy()) / scale
             tokens += float(count.asnumpy())
         if self.reducer is not None:
@@ -77,13 +92,13 @@ class TrainStep:
         loss = loss_sum / max(tokens, 1.0)
         inv = Tensor(1.0 / (max(tokens, 1.0) * scale), ms.float32)
         clip = float(self.max_grad_norm or 0.0)
-        grads, norm, finite = self._update(acc, inv, Tensor(lr, ms.float32), Tensor(clip, ms.float32))
+        grads, norm, finite = self._update(self._var(acc), inv, Tensor(lr, ms.float32), Tensor(clip, ms.float32))
         finite = bool(finite.asnumpy()) and math.isfinite(loss)
         skipped = False
         if self.loss_scale is not None:
             skipped = not self.loss_scale.update(finite)
         if finite:
-            self.optimizer(grads, Tensor(lr, ms.float32))
+            self._apply(self._var(grads), Tensor(lr, ms.float32))
         elif self.loss_scale is None:
             raise TrainingError(f"loss is {loss} (grad norm {float(norm.asnumpy())}): not finite; "
                                 "the update was not applied")
