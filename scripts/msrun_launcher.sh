@@ -48,15 +48,21 @@ fi
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-PY=${PYTHON:-python}
-[ -x "$ROOT/.venv/bin/python" ] && [ -z "${PYTHON:-}" ] && PY="$ROOT/.venv/bin/python"
-MSRUN=${MSRUN:-$(dirname "$PY")/msrun}
-command -v "$MSRUN" >/dev/null 2>&1 || MSRUN=msrun
+# msrun starts the workers with the `python` on PATH: use the project's .venv when there is one
+if [ -x "$ROOT/.venv/bin/python" ] && [ -z "${VIRTUAL_ENV:-}" ]; then
+  export PATH="$ROOT/.venv/bin:$PATH"
+fi
+MSRUN=${MSRUN:-msrun}
+if ! command -v "$MSRUN" >/dev/null 2>&1; then
+  echo "error: msrun not found (it comes with the mindspore package); run bash scripts/setup.sh first" >&2
+  exit 1
+fi
 
 cmd=("$MSRUN" "--worker_num=$WORKER_NUM" "--local_worker_num=$LOCAL_WORKER" "--master_addr=$MASTER_ADDR"
      "--master_port=$MASTER_PORT" "--node_rank=$NODE_RANK" "--log_dir=$LOG_DIR" "--join=$JOIN"
      "--cluster_time_out=$CLUSTER_TIME_OUT")
 echo "Running: ${cmd[*]} $1"
-echo "Logs: $(pwd)/$LOG_DIR/worker_*.log"
-# shellcheck disable=SC2086
-exec "${cmd[@]}" $1
+case $LOG_DIR in /*) shown=$LOG_DIR ;; *) shown=$(pwd)/$LOG_DIR ;; esac
+echo "Logs: $shown/worker_*.log"
+# eval, as MindFormers' launcher: quotes inside EXECUTE_ORDER group arguments ("a=b c")
+eval "${cmd[*]} $1"

@@ -131,11 +131,15 @@ def train(cfg, model, train_ds, eval_ds=None, rank: RankInfo = RankInfo(), strea
         return path
 
     model.set_train(True)
+    # which samples this rank trained on, step by step (appended across resumes)
+    order_log = open(os.path.join(out_dir, f"data_order_rank_{rank.rank}.jsonl"), "a", encoding="utf-8")
     try:
         while step < total:
             epoch, in_epoch = divmod(step, plan.steps_per_epoch)
             ms.set_seed(int(cfg.seed) * 1_000_003 + step)   # dropout masks are a function of the step: exact resume
-            micro = [collate([train_ds[i] for i in idx]) for idx in plan.micro_batches(epoch, in_epoch)]
+            indices = plan.micro_batches(epoch, in_epoch)
+            micro = [collate([train_ds[i] for i in idx]) for idx in indices]
+            order_log.write(f'{{"step": {step + 1}, "epoch": {epoch}, "samples": {sum(indices, [])}}}\n')
             lr = sched(step)
             res = runner(micro, lr)
             step += 1
@@ -170,4 +174,5 @@ def train(cfg, model, train_ds, eval_ds=None, rank: RankInfo = RankInfo(), strea
         if tb:
             tb.close()
         monitor.close()
+        order_log.close()
     return result

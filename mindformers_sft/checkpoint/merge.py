@@ -1,0 +1,76 @@
+"""Merge per-rank training checkpoints (OUTPUT/checkpoint/rank_N) into one complete checkpoint.
+
+Data parallel: every rank holds a full replica; the ranks' newest verified checkpoints must be of the
+same step and agree tensor for tensor, and one complete copy is written.
+Model/pipeline parallel (Ascend): ranks hold slices described by strategy files; MindSpore's own
+`transform_checkpoints` assembles them (not exercised on CPU, where only data parallel runs).
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+
+import numpy as np
+
+from ..errors import CheckpointError
+from .io import save_ckpt, save_safetensors
+from .training_state import CheckpointManager
+
+OPT_PREFIXES = ("adam_m.", "adam_v.", "global_step")
+
+
+def rank_dirs(src: str):
+    base = os.path.join(src, "checkpoint") if os.path.isdir(os.path.join(src, "checkpoint")) else src
+    dirs = sorted(glob.glob(os.path.join(base, "rank_*")), key=lambda d: int(re.sub(r"\D", "", os.path.basename(d))
+                                                                            or 0))
+    if not dirs:
+        raise CheckpointError(f"{src}: no rank_N checkpoint directories")
+    return dirs
+
+
+def merge_data_parallel(src: str, output_path: str, keep_optimizer=False, warn=print) -> dict:
+    """One complete checkpoint from data-parallel replicas; returns {'step', 'ranks', 'tensors'}."""
+    merged, step, first = None, None, None
+    dirs = rank_dirs(src)
+    for d in dirs:
+        m = CheckpointManager.__new__(CheckpointManager)
+        m.dir = d
+        entry, arrays = m.latest(warn=warn)
+        if entry is None:
+            raise CheckpointError(f"{d}: no readable checkpoint")
+        if step is None:
+            step, first, merged = entry["step"], d, arrays
+            continue
+        if entry["step"] != step:
+            raise CheckpointError(f"{d}: newest checkpoint is step {entry['step']}, but {first} is at step {step}; "
+                                  "the ranks must be merged at the same step")
+        for k, v in merged.items():
+            if k not in arrays:
+                raise CheckpointError(f"{d}: tensor '{k}' of {first} is missing")
+            if k.startswith(OPT_PREFIXES):
+                continue
+            if v.shape != arrays[k].shape or not np.array_equal(v, arrays[k]):
+                raise CheckpointError(f"{d}: tensor '{k}' differs from {first}: these are not data-parallel "
+                                      "replicas (model-parallel slices need --strategy_dir)")
+    out = {k: v for k, v in merged.items() if keep_optimizer or not k.startswith(OPT_PREFIXES)}
+    if output_path.endswith(".safetensors"):
+        save_safetensors(out, output_path)
+    else:
+        save_ckpt(out, output_path)
+    return {"step": step, "ranks": len(dirs), "tensors": len(out), "output_path": output_path}
+
+
+def merge_sliced(src: str, strategy: str, output_dir: str, prefix: str = "merged"):
+    """Model-parallel slices -> complete checkpoints with MindSpore's transform_checkpoints (Ascend outputs)."""
+    import mindspore as ms
+    if not os.path.exists(strategy):
+        raise CheckpointError(f"{strategy}: strategy file or directory not found")
+    if os.path.isdir(strategy):
+        merged_strategy = os.path.join(output_dir, "merged_strategy.ckpt")
+        os.makedirs(output_dir, exist_ok=True)
+        ms.merge_pipeline_strategys(strategy, merged_strategy)
+        strategy = merged_strategy
+    base = os.path.join(src, "checkpoint") if os.path.isdir(os.path.join(src, "checkpoint")) else src
+    ms.transform_checkpoints(base, output_dir, prefix, strategy, None)
+    return {"output_path": output_dir}
