@@ -107,6 +107,17 @@ def tokenizer_path(cfg) -> str:
     raise ConfigError("no tokenizer: set processor.tokenizer.vocab_file (or --vocab_file)")
 
 
+def check_tokenizer(cfg, model_conf):
+    """The tokenizer must fit the model: every id it can produce is a row of the embedding."""
+    from .tokenizer import load_tokenizer
+    path = tokenizer_path(cfg)
+    tok = load_tokenizer(path)
+    if tok.vocab_size > model_conf.vocab_size:
+        raise ConfigError(f"{path}: the tokenizer has {tok.vocab_size} tokens but model_config.vocab_size is "
+                          f"{model_conf.vocab_size}: wrong tokenizer for this model (processor.tokenizer.vocab_file)")
+    return tok
+
+
 def _dataset(cfg, section_name):
     from .data import build_dataset
     section = cfg[section_name]
@@ -137,6 +148,7 @@ def run(cfg, predict: dict = None):
 def _train(cfg, rank, log):
     from .trainer.loop import evaluate, train
     model = build_model(cfg, rank.rank, log)
+    check_tokenizer(cfg, model.config)
     train_ds = _dataset(cfg, "train_dataset")
     eval_ds = _dataset(cfg, "eval_dataset") if cfg.eval_dataset.data_loader.dataset_dir else None
     log(f"[data] {len(train_ds)} training samples" + (f", {len(eval_ds)} eval samples" if eval_ds else ""))
@@ -152,6 +164,7 @@ def _train(cfg, rank, log):
 def _eval(cfg, rank, log):
     from .trainer.loop import evaluate
     model = build_model(cfg, rank.rank, log)
+    check_tokenizer(cfg, model.config)
     section = "eval_dataset" if cfg.eval_dataset.data_loader.dataset_dir else "train_dataset"
     ds = _dataset(cfg, section)
     ev = evaluate(model, ds, cfg.runner_config.batch_size)
@@ -170,7 +183,7 @@ def _predict(cfg, predict, log):
         raise ConfigError("run_mode predict needs --predict_data \"your prompt\"")
     model = build_model(cfg, 0, log)
     model.set_train(False)
-    tok = load_tokenizer(tokenizer_path(cfg))
+    tok = check_tokenizer(cfg, model.config)
     mc = model.config
     for text in prompts:
         ids = tok.encode(text, add_special_tokens=True)

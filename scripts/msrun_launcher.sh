@@ -52,13 +52,13 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 if [ -x "$ROOT/.venv/bin/python" ] && [ -z "${VIRTUAL_ENV:-}" ]; then
   export PATH="$ROOT/.venv/bin:$PATH"
 fi
-MSRUN=${MSRUN:-msrun}
-if ! command -v "$MSRUN" >/dev/null 2>&1; then
+MSRUN=${MSRUN:-msrun}     # MSRUN="echo msrun" prints the command instead of running it
+if ! command -v ${MSRUN%% *} >/dev/null 2>&1; then
   echo "error: msrun not found (it comes with the mindspore package); run bash scripts/setup.sh first" >&2
   exit 1
 fi
 
-cmd=("$MSRUN" "--worker_num=$WORKER_NUM" "--local_worker_num=$LOCAL_WORKER" "--master_addr=$MASTER_ADDR"
+cmd=($MSRUN "--worker_num=$WORKER_NUM" "--local_worker_num=$LOCAL_WORKER" "--master_addr=$MASTER_ADDR"
      "--master_port=$MASTER_PORT" "--node_rank=$NODE_RANK" "--log_dir=$LOG_DIR" "--join=$JOIN"
      "--cluster_time_out=$CLUSTER_TIME_OUT")
 echo "Running: ${cmd[*]} $1"

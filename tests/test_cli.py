@@ -100,3 +100,30 @@ def test_diverging_run_stops_with_last_good_state(tmp_path):
         meta = json.load(f)
     saved = load_tensors(os.path.join(tmp_path, "checkpoint", "rank_0", meta["last_ckpt_file"]))
     assert all(np.isfinite(v).all() for k, v in saved.items() if not k.startswith("global_step"))
+
+
+def test_predict_straight_from_hugging_face_dir():
+    rc, so, se = run("--run_mode", "predict", "--load_checkpoint", "assets/models/stories260K",
+                     "--predict_data", "Once upon a time", "--max_new_tokens", "30")
+    assert rc == 0, se[-3000:]
+    row = json.loads([l for l in so.splitlines() if l.startswith("{")][0])
+    # transformers' greedy continuation (assets/README.md)
+    assert row["completion"].startswith(", there was a little girl named Lily. She loved to play outside in the park.")
+
+
+def test_predict_sampling_is_seeded():
+    args = ("--run_mode", "predict", "--load_checkpoint", "assets/models/stories260K", "--predict_data", "Once upon",
+            "--max_new_tokens", "20", "--do_sample", "True", "--temperature", "1.3", "--top_k", "50", "--top_p", "0.95")
+    outs = []
+    for seed in ("1", "1", "2"):
+        rc, so, se = run(*args, "--seed", seed)
+        assert rc == 0, se[-3000:]
+        outs.append(json.loads([l for l in so.splitlines() if l.startswith("{")][0])["tokens"])
+    assert outs[0] == outs[1] and outs[0] != outs[2]
+
+
+def test_wrong_tokenizer_is_refused(tmp_path):
+    rc, so, se = run("--config", CONFIG, "--output_dir", str(tmp_path), "--vocab_file",
+                     "assets/tokenizers/llama2/tokenizer.model")
+    assert rc == 2
+    assert "tokenizer.model: the tokenizer has 32000 tokens but model_config.vocab_size is 512" in se
