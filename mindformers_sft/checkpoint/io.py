@@ -285,7 +285,21 @@ def _norm_spec(spec: SpecLike, where: str) -> List[Tuple[str, np.dtype, Tuple[in
     return out
 
 
-class SafetensorsWriter:
+class _Committing:
+    """Context manager of the writers: close (commit) on success, abort (remove temporaries) on error."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+        return False
+
+
+class SafetensorsWriter(_Committing):
     """Write one safetensors file tensor by tensor, atomically.
 
     With `spec` ([(name, dtype, shape)], the file's tensors in file order), tensors may be added in any
@@ -371,15 +385,6 @@ class SafetensorsWriter:
         if sp and os.path.exists(sp):
             os.unlink(sp)
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-        return False
 
 
 def _spec_of_dict(tensors: Dict[str, np.ndarray], where: str):
@@ -403,7 +408,7 @@ def save_safetensors(tensors: TensorsLike, path: str, metadata: Optional[Dict[st
 _SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 
 
-class ShardedSafetensorsWriter:
+class ShardedSafetensorsWriter(_Committing):
     """Write a Hugging Face weights directory tensor by tensor.
 
     Tensors fill shards of at most `max_shard_size` bytes (a larger tensor gets a shard of its own), each
@@ -539,15 +544,6 @@ class ShardedSafetensorsWriter:
             if sh["tmp"] and os.path.exists(sh["tmp"]):
                 os.unlink(sh["tmp"])
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-        return False
 
 
 def save_safetensors_sharded(tensors: TensorsLike, out_dir: str, max_shard_size: Union[int, str] = "5GB",
@@ -593,7 +589,7 @@ def _ckpt_record_header(name: str, tensor_type: str, dims: Sequence[int], conten
     return b"\x0a" + _varint(val_len) + val + tp
 
 
-class CkptWriter:
+class CkptWriter(_Committing):
     """Write a MindSpore CKPT file tensor by tensor (atomically), identical to ``mindspore.save_checkpoint``.
 
     On close, a ``<path>.manifest.json`` (size, tensor count, sha256) is written beside it unless
@@ -655,15 +651,6 @@ class CkptWriter:
     def abort(self):
         self._af.abort()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-        return False
 
 
 def save_ckpt(tensors: TensorsLike, path: str, manifest: bool = True) -> str:

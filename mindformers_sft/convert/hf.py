@@ -255,6 +255,18 @@ def _stream(items: List[_Item], dtype) -> Iterator[Tuple[_Item, np.ndarray]]:
             del out      # one tensor in memory at a time: drop it before reading the next
 
 
+def _write_all(writer, items: List[_Item], dtype):
+    """Stream every planned tensor into `writer` and commit it; on any error the partial output is removed."""
+    try:
+        for it, arr in _stream(items, dtype):
+            writer.add(it.dst, arr)
+            del arr
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close()
+
+
 def _out_dtype(info: TensorInfo, dtype) -> np.dtype:
     return dtype if (dtype is not None and is_float(info.dtype)) else info.dtype
 
@@ -347,14 +359,7 @@ def convert_hf_to_mf(input_path: str, output_path: str, model: Optional[str] = N
     else:
         writer = SafetensorsWriter(out, metadata={"format": "ms", HF_CONFIG_METADATA_KEY: cfg_json},
                                    spec=[(it.dst, _out_dtype(it.info, np_dtype), it.info.shape) for it in items])
-    try:
-        for it, arr in _stream(items, np_dtype):
-            writer.add(it.dst, arr)
-            del arr
-    except BaseException:
-        writer.abort()
-        raise
-    writer.close()
+    _write_all(writer, items, np_dtype)
     side = sidecar_config_path(out)
     atomic_write_json(side, hf_cfg)
     return ConvertResult(len(items), writer.nbytes, out, [out], side, tdt)
@@ -411,14 +416,7 @@ def convert_mf_to_hf(input_path: str, output_path: str, model: Optional[str] = N
     os.makedirs(out, exist_ok=True)
     writer = ShardedSafetensorsWriter(out, shard, metadata={"format": "pt"},
                                       spec=[(it.dst, _out_dtype(it.info, np_dtype), it.info.shape) for it in items])
-    try:
-        for it, arr in _stream(items, np_dtype):
-            writer.add(it.dst, arr)
-            del arr
-    except BaseException:
-        writer.abort()
-        raise
-    res = writer.close()
+    res = _write_all(writer, items, np_dtype)
     cfg_path = os.path.join(out, "config.json")
     atomic_write_json(cfg_path, hf_cfg)
     return ConvertResult(len(items), writer.nbytes, out, res["files"], cfg_path, tdt)
