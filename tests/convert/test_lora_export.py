@@ -47,3 +47,19 @@ def test_lora_export_all_layers(tmp_path):
 
 def test_lora_export_some_layers(tmp_path):
     _check(tmp_path, r"model\.layers\.[13]\.attention\.wk|.*layers\.0\.feed_forward\.w1")
+
+
+def test_full_finetune_checkpoint_dir_exports(tmp_path):
+    """A full fine-tune's checkpoint directory converts back without --config (meta.json has the architecture)."""
+    cfg = config(str(tmp_path / "run"), steps=2)
+    cfg.context.device_target = "CPU"
+    model = build_model(cfg, log=lambda *a: None)
+    train(cfg, model, TokenDataset(n=16))
+    ids = np.random.default_rng(4).integers(3, 512, (1, 16)).astype(np.int32)
+    ours = model.logits(Tensor(ids)).asnumpy()
+    out = tmp_path / "hf"
+    assert convert_cli.main(["--reversed", "--input_path", str(tmp_path / "run" / "checkpoint"),
+                             "--output_path", str(out)]) == 0
+    with torch.no_grad():
+        ref = HFLlama.from_pretrained(str(out), dtype=torch.float32)(torch.tensor(ids, dtype=torch.long)).logits
+    assert np.abs(ours - ref.numpy()).max() < 1e-4
