@@ -83,6 +83,9 @@ def build_model(cfg, rank=0, log=print):
     elif cfg.run_mode in ("finetune", "eval", "predict"):
         raise ConfigError(f"run_mode {cfg.run_mode} needs load_checkpoint (pretrained weights); "
                           "use run_mode train to start from random weights")
+    n = recompute_layers(cfg.recompute_config.recompute, conf.num_layers)
+    for layer in list(model.model.layers)[:n]:
+        layer.recompute()   # activations of these layers are recomputed in the backward pass (graph mode)
     if conf.pet_config:
         from .pet.lora import apply_lora
         names = apply_lora(model, conf.pet_config)
@@ -95,6 +98,18 @@ def build_model(cfg, rank=0, log=print):
     elif adapters:
         raise ConfigError(f"{cfg.load_checkpoint} holds LoRA adapters but model_config.pet_config is not set")
     return model
+
+
+def recompute_layers(recompute, num_layers) -> int:
+    """recompute_config.recompute: True (every layer), False, or MindFormers' per-stage list of layer counts."""
+    if isinstance(recompute, bool) or recompute is None:
+        return num_layers if recompute else 0
+    if isinstance(recompute, int):
+        return min(recompute, num_layers)
+    if isinstance(recompute, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in recompute):
+        return min(sum(recompute), num_layers)
+    raise ConfigError(f"recompute_config.recompute: expected True/False or a list of layer counts per stage, "
+                      f"got {recompute!r}")
 
 
 def tokenizer_path(cfg) -> str:
