@@ -45,17 +45,22 @@ def setup_context(cfg):
 
 
 def model_config(cfg, log=print):
-    from .checkpoint.loading import is_hf_dir
     from .models.config import LlamaConfig
     from .models.registry import arch_model_type
     mc = dict(cfg.model.model_config or {})
     arch_type = arch_model_type(cfg.model.arch.type)
-    if cfg.load_checkpoint and is_hf_dir(cfg.load_checkpoint):
-        # the Hugging Face config.json describes the weights; YAML model_config keys override it
-        base = LlamaConfig.from_hf_config(cfg.load_checkpoint).to_dict()
-        base.update(mc)
-        conf = LlamaConfig.from_dict(base)
+    base = _checkpoint_architecture(cfg.load_checkpoint)
+    if base is not None:
+        # the weights' own config (HF config.json, or the one a training checkpoint recorded) describes the
+        # architecture; YAML model_config keys override it
+        d = base.to_dict()
+        d.update(mc)
+        conf = LlamaConfig.from_dict(d)
     elif mc:
+        missing = [k for k in ("vocab_size", "hidden_size", "num_layers", "num_heads") if k not in mc]
+        if missing:
+            raise ConfigError(f"model.model_config lacks {', '.join(missing)} and load_checkpoint "
+                              f"('{cfg.load_checkpoint}') records no architecture: say what model to build")
         mc.setdefault("model_type", "qwen2" if arch_type == "qwen2" or mc.get("qkv_has_bias") else "llama")
         conf = LlamaConfig.from_dict(mc)
     else:
@@ -67,6 +72,25 @@ def model_config(cfg, log=print):
                 log(f"[config] model_config.{k}: {getattr(conf, k)} has no CPU kernels; using float32 on CPU")
                 setattr(conf, k, "float32")
     return conf
+
+
+def _checkpoint_architecture(path):
+    """LlamaConfig recorded with the weights at `path` (HF config.json, or a training checkpoint's meta.json), or None."""
+    from .checkpoint.loading import is_hf_dir, resolve
+    from .models.config import LlamaConfig
+    if not path or not os.path.exists(path):
+        return None
+    if is_hf_dir(path):
+        return LlamaConfig.from_hf_config(path)
+    try:
+        _, _, entry = resolve(path, warn=lambda *a: None)
+    except SFTError:
+        return None
+    if entry and entry.get("hf_config"):
+        return LlamaConfig.from_hf_config(entry["hf_config"])
+    if entry and entry.get("base_checkpoint"):
+        return _checkpoint_architecture(entry["base_checkpoint"])
+    return None
 
 
 def build_model(cfg, rank=0, log=print):
