@@ -50,6 +50,8 @@ def build_parser():
     p.add_argument("--only_save_strategy", type=str2bool)
     p.add_argument("--vocab_file", help="tokenizer file or directory (sets processor.tokenizer.vocab_file)")
     p.add_argument("--predict_data", nargs="+", help="prompt(s) for --run_mode predict")
+    p.add_argument("--chat_template", help="predict: wrap each prompt as a user turn of this template (default: the "
+                                           "training data's template for SFTDataLoader; 'none' sends it as is)")
     p.add_argument("--max_new_tokens", type=int)
     p.add_argument("--do_sample", type=str2bool)
     p.add_argument("--temperature", type=float)
@@ -79,7 +81,7 @@ def main(argv=None):
     if args.batch_size is not None:
         overrides["train_dataset.batch_size"] = args.batch_size
     predict = {k: getattr(args, k) for k in ("predict_data", "max_new_tokens", "do_sample", "temperature",
-                                             "top_k", "top_p") if getattr(args, k) is not None}
+                                             "top_k", "top_p", "chat_template") if getattr(args, k) is not None}
     try:
         from . import run
         if args.register_path:

@@ -224,8 +224,14 @@ def _predict(cfg, predict, log):
     model.set_train(False)
     tok = check_tokenizer(cfg, model.config)
     mc = model.config
+    template = _predict_template(cfg, predict.get("chat_template"), tok)
     for text in prompts:
-        ids = tok.encode(text, add_special_tokens=True)
+        if template is None:
+            ids = tok.encode(text, add_special_tokens=True)
+        else:   # the prompt as a user turn in the template the model was fine-tuned with
+            from .data.formats import Conversation
+            rendered = template.render(Conversation(turns=[("user", text)]), add_generation_prompt=True)
+            ids = ([tok.bos_token_id] if template.prepend_bos(rendered) else []) + tok.encode(rendered)
         out = generate(model, [ids], max_new_tokens=predict.get("max_new_tokens", mc.max_decode_length),
                        do_sample=predict.get("do_sample", mc.do_sample),
                        temperature=predict.get("temperature", mc.temperature),
@@ -234,6 +240,18 @@ def _predict(cfg, predict, log):
         completion = tok.decode(out[len(ids):], skip_special_tokens=True)
         print(json.dumps({"prompt": text, "completion": completion, "tokens": out}, ensure_ascii=False))
     return 0
+
+
+def _predict_template(cfg, name, tok):
+    """Template for predict prompts: --chat_template, else the training data's template (SFTDataLoader);
+    'none' (or no template) sends the prompt as it is."""
+    dl = cfg.train_dataset.data_loader
+    if name is None and dl.type == "SFTDataLoader":
+        name = dl.template
+    if not name or str(name).lower() == "none":
+        return None
+    from .data.templates import get_template
+    return get_template(name, tok)
 
 
 def _write_json(path, obj):

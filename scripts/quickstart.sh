@@ -13,10 +13,5 @@ echo "== LoRA fine-tuning"
 .venv/bin/python run_mindformer.py --config "$CONFIG" --run_mode finetune --use_parallel False
 echo "== predict with the fine-tuned checkpoint ($OUT/checkpoint)"
 .venv/bin/python run_mindformer.py --config "$CONFIG" --run_mode predict --load_checkpoint "$OUT/checkpoint" \
-    --predict_data "Below is an instruction that describes a task. Write a response that appropriately completes the request.
-
-### Instruction:
-Tell me a story about a cat.
-
-### Response:" --max_new_tokens 60
+    --predict_data "Tell me a story about a cat." "Give three tips for staying healthy." --max_new_tokens 60
 echo "== done: loss curve $OUT/loss_curve.png, TensorBoard logs $OUT/tensorboard, checkpoints $OUT/checkpoint/rank_0"
