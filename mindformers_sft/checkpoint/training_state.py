@@ -21,7 +21,18 @@ from .io import atomic_write_json, load_tensors, save_ckpt, save_safetensors
 META = "meta.json"
 
 
+_DIGESTS = {}   # (path, size, mtime_ns) -> sha256: a run resolves the same checkpoint several times at start
+
+
 def _sha256(path, chunk=1 << 22):
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = _hash_file(path, chunk)
+    return _DIGESTS[key]
+
+
+def _hash_file(path, chunk):
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while True:
