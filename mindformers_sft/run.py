@@ -121,6 +121,9 @@ def build_model(cfg, rank=0, log=print):
             log(f"[lora] loaded {len(adapters)} adapter tensors")
     elif adapters:
         raise ConfigError(f"{cfg.load_checkpoint} holds LoRA adapters but model_config.pet_config is not set")
+    if cfg.use_parallel:
+        from .parallel.strategies import apply_strategies
+        apply_strategies(model, cfg.parallel_config)   # semi-auto parallel (Ascend) only; a no-op for data parallel
     return model
 
 
