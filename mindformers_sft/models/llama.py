@@ -114,12 +114,15 @@ class Embedding(nn.Cell):
 
 
 class RMSNorm(nn.Cell):
-    def __init__(self, dim, eps, param_dtype, fused):
+    def __init__(self, dim, eps, param_dtype, fused, cpu_kernel=False):
         super().__init__()
-        self.eps, self.fused = eps, fused
+        self.eps, self.fused, self.cpu_kernel = eps, fused, cpu_kernel
+        self.eps_t = Tensor(np.array([eps], np.float32))   # for kernels.cpu_rms_norm
         self.weight = Parameter(initializer("ones", (dim,), param_dtype), name="weight")
 
     def construct(self, x):
+        if self.cpu_kernel and x.dtype == ms.float32:
+            return kernels.cpu_rms_norm(x, _cast(self.weight, ms.float32), self.eps_t)
         return kernels.rms_norm(x, self.weight, self.eps, self.fused)
 
 
@@ -129,6 +132,7 @@ class Attention(nn.Cell):
         pd, cd, std = MS_DTYPES[cfg.param_init_type], MS_DTYPES[cfg.compute_dtype], cfg.initializer_range
         self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.n_kv_heads, cfg.head_dim
         self.scale, self.fused = 1.0 / math.sqrt(cfg.head_dim), fused
+        self.scale_t = Tensor(np.array([self.scale], np.float32))   # for kernels.cpu_attention
         h, kvh = cfg.hidden_size, cfg.n_kv_heads * cfg.head_dim
         self.wq = Linear(h, h, cfg.qkv_has_bias, pd, cd, std)
         self.wk = Linear(h, kvh, cfg.qkv_has_bias, pd, cd, std)
@@ -136,8 +140,18 @@ class Attention(nn.Cell):
         self.wo = Linear(h, h, False, pd, cd, std)
 
     def construct(self, x, cos, sin, mask, past_k=None, past_v=None):
-        """x (B, S, H) -> (out (B, S, H), k, v) with k, v (B, Nkv, T, D) including past_k/past_v if given."""
+        """x (B, S, H) -> (out (B, S, H), k, v) with k, v (B, Nkv, T, D) including past_k/past_v if given.
+
+        With `mask` a tuple (the visibility spec of LlamaForCausalLM._attention_mask, fused CPU kernel; cos/sin
+        (B, S, D)), there is no cache: k and v are returned as None.
+        """
         b, s, _ = x.shape
+        if isinstance(mask, tuple):
+            q = ops.reshape(self.wq(x), (b, s, self.n_heads, self.head_dim))
+            k = ops.reshape(self.wk(x), (b, s, self.n_kv, self.head_dim))
+            v = ops.reshape(self.wv(x), (b, s, self.n_kv, self.head_dim))
+            o = kernels.cpu_attention(q, k, v, cos, sin, mask, self.scale_t)
+            return self.wo(ops.reshape(o, (b, s, self.n_heads * self.head_dim))), None, None
         q = ops.transpose(ops.reshape(self.wq(x), (b, s, self.n_heads, self.head_dim)), (0, 2, 1, 3))
         k = ops.transpose(ops.reshape(self.wk(x), (b, s, self.n_kv, self.head_dim)), (0, 2, 1, 3))
         v = ops.transpose(ops.reshape(self.wv(x), (b, s, self.n_kv, self.head_dim)), (0, 2, 1, 3))
@@ -151,26 +165,29 @@ class Attention(nn.Cell):
 
 
 class FeedForward(nn.Cell):
-    def __init__(self, cfg: LlamaConfig, fused: bool):
+    def __init__(self, cfg: LlamaConfig, fused: bool, cpu_kernel=False):
         super().__init__()
         pd, cd, std = MS_DTYPES[cfg.param_init_type], MS_DTYPES[cfg.compute_dtype], cfg.initializer_range
-        self.fused = fused
+        self.fused, self.cpu_kernel = fused, cpu_kernel
         self.w1 = Linear(cfg.hidden_size, cfg.intermediate_size, False, pd, cd, std)  # gate
         self.w2 = Linear(cfg.intermediate_size, cfg.hidden_size, False, pd, cd, std)  # down
         self.w3 = Linear(cfg.hidden_size, cfg.intermediate_size, False, pd, cd, std)  # up
 
     def construct(self, x):
-        return self.w2(kernels.swiglu(self.w1(x), self.w3(x), self.fused))
+        gate, up = self.w1(x), self.w3(x)
+        if self.cpu_kernel and gate.dtype == ms.float32:
+            return self.w2(kernels.cpu_swiglu(gate, up))
+        return self.w2(kernels.swiglu(gate, up, self.fused))
 
 
 class DecoderLayer(nn.Cell):
-    def __init__(self, cfg: LlamaConfig, fused: bool):
+    def __init__(self, cfg: LlamaConfig, fused: bool, cpu_kernel=False):
         super().__init__()
         pd = MS_DTYPES[cfg.param_init_type]
-        self.attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, fused)
+        self.attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, fused, cpu_kernel)
         self.attention = Attention(cfg, fused)
-        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, fused)
-        self.feed_forward = FeedForward(cfg, fused)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, fused, cpu_kernel)
+        self.feed_forward = FeedForward(cfg, fused, cpu_kernel)
 
     def construct(self, x, cos, sin, mask, past_k=None, past_v=None):
         a, k, v = self.attention(self.attention_norm(x), cos, sin, mask, past_k, past_v)
@@ -182,23 +199,27 @@ class DecoderLayer(nn.Cell):
 class LlamaModel(nn.Cell):
     """Embedding, decoder layers and final norm; returns hidden states (B, S, H) in compute dtype."""
 
-    def __init__(self, cfg: LlamaConfig, fused: bool):
+    def __init__(self, cfg: LlamaConfig, fused: bool, cpu_kernel=False):
         super().__init__()
         pd, cd = MS_DTYPES[cfg.param_init_type], MS_DTYPES[cfg.compute_dtype]
         self.tok_embeddings = Embedding(cfg.vocab_size, cfg.hidden_size, pd, cd, cfg.initializer_range, fused)
-        self.layers = nn.CellList([DecoderLayer(cfg, fused) for _ in range(cfg.num_layers)])
-        self.norm_out = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, fused)
+        self.layers = nn.CellList([DecoderLayer(cfg, fused, cpu_kernel) for _ in range(cfg.num_layers)])
+        self.norm_out = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, fused, cpu_kernel)
         self.inv_freq = Tensor(rope_inv_freq(cfg).reshape(1, 1, -1))  # constant, not a Parameter
 
-    def rope(self, position_ids):
-        """cos, sin (B, 1, S, D) fp32 for int positions (B, S)."""
+    def rope(self, position_ids, heads_axis=True):
+        """cos, sin (B, 1, S, D) fp32 for int positions (B, S); (B, S, D) with heads_axis=False."""
         freqs = ops.expand_dims(ops.cast(position_ids, ms.float32), -1) * self.inv_freq
         emb = ops.cat((freqs, freqs), -1)
+        if not heads_axis:
+            return ops.cos(emb), ops.sin(emb)
         return ops.expand_dims(ops.cos(emb), 1), ops.expand_dims(ops.sin(emb), 1)
 
     def construct(self, tokens, position_ids, mask):
+        """mask: bool (B, 1, S, S), the fp32 additive mask of kernels.attention_bias, or the spec tuple of the
+        fused CPU kernel (see LlamaForCausalLM._attention_mask)."""
         x = self.tok_embeddings(tokens)
-        cos, sin = self.rope(position_ids)
+        cos, sin = self.rope(position_ids, not isinstance(mask, tuple))
         for layer in self.layers:
             x, _, _ = layer(x, cos, sin, mask)
         return self.norm_out(x)
@@ -251,7 +272,10 @@ class LlamaForCausalLM(nn.Cell):
                               "bf16 kernels); use 'float32' on CPU (param_init_type may stay 'bfloat16')")
         self.compute_dtype = MS_DTYPES[config.compute_dtype]
         self.ignore_token_id = config.ignore_token_id
-        self.model = LlamaModel(config, self.fused)
+        # our fused CPU kernels (attention with rotary embedding, RMSNorm, SwiGLU, cross entropy; kernels.py):
+        # CPU, fp32 compute, library built
+        self.cpu_kernel = (not self.fused) and self.compute_dtype == ms.float32 and kernels.cpu_kernels()
+        self.model = LlamaModel(config, self.fused, self.cpu_kernel)
         self.tie = config.tie_word_embeddings
         if not self.tie:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, False, MS_DTYPES[config.param_init_type],
@@ -268,13 +292,22 @@ class LlamaForCausalLM(nn.Cell):
             y = self.lm_head(h)
         return _cast(y, ms.float32)
 
+    def _attention_mask(self, b, s, segment_ids):
+        """What every layer's attention gets, built once per forward: the visibility spec (q_index, k_index,
+        q_seg, k_seg) for the fused CPU kernel, the fp32 additive mask for basic ops on CPU, the bool mask
+        (B, 1, S, S) on Ascend."""
+        index = ops.arange(s, dtype=ms.int32)
+        if self.cpu_kernel:
+            seg = ops.zeros((b, s), ms.int32) if segment_ids is None else ops.cast(segment_ids, ms.int32)
+            return (index, index, seg, seg)
+        mask = ops.broadcast_to(make_mask(index, index, segment_ids, segment_ids), (b, 1, s, s))
+        return mask if self.fused else kernels.attention_bias(mask)
+
     def logits(self, input_ids, position_ids=None, segment_ids=None):
         b, s = input_ids.shape
-        index = ops.arange(s, dtype=ms.int32)
         if position_ids is None:
-            position_ids = ops.broadcast_to(ops.expand_dims(index, 0), (b, s))
-        mask = ops.broadcast_to(make_mask(index, index, segment_ids, segment_ids), (b, 1, s, s))
-        return self._head(self.model(input_ids, position_ids, mask))
+            position_ids = ops.broadcast_to(ops.expand_dims(ops.arange(s, dtype=ms.int32), 0), (b, s))
+        return self._head(self.model(input_ids, position_ids, self._attention_mask(b, s, segment_ids)))
 
     def loss_sum_and_count(self, input_ids, labels=None, position_ids=None, segment_ids=None):
         tokens = input_ids[:, :-1]
@@ -285,11 +318,8 @@ class LlamaForCausalLM(nn.Cell):
         targets = ops.cast(ops.reshape(targets, (-1,)), ms.int32)
         valid = targets != self.ignore_token_id
         safe = ops.select(valid, targets, ops.zeros_like(targets))
-        m = ops.stop_gradient(ops.amax(logits, -1, True))
-        lse = ops.log(ops.sum(ops.exp(logits - m), -1)) + ops.squeeze(m, -1)
-        picked = ops.squeeze(ops.gather_elements(logits, 1, ops.expand_dims(safe, -1)), -1)
         validf = ops.cast(valid, ms.float32)
-        return ops.sum((lse - picked) * validf), ops.sum(validf)
+        return ops.sum(kernels.cross_entropy(logits, safe, self.cpu_kernel) * validf), ops.sum(validf)
 
     def construct(self, input_ids, labels=None, position_ids=None, segment_ids=None):
         loss_sum, count = self.loss_sum_and_count(input_ids, labels, position_ids, segment_ids)

@@ -5,6 +5,12 @@ and in graph mode.
 Weight decay applies to matrices only: norms, biases (and anything 1-D) are exempt, as in MindFormers.
 The learning rate is passed in on every step (the schedule lives on the host), so the optimizer holds
 only its moments and step count, all of which are saved for exact resume.
+
+Flat mode: when the trainable parameters are all fp32 and small in total (LoRA adapters, small models: at most
+FLAT_MAX elements), the moments live in two flat fp32 vectors and the update runs on the concatenated
+gradients and parameters (split back and assigned): the same elementwise arithmetic in a handful of kernels
+instead of a dozen per parameter, which is what a step costs on CPU when the parameters are many and small.
+Checkpointed state is the same either way (`adam_m.<name>`, `adam_v.<name>`, `global_step`).
 """
 from __future__ import annotations
 
@@ -12,33 +18,66 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
+FLAT_MAX = 1 << 25  # elements
+
 
 def decays(param) -> bool:
     name = param.name
     return len(param.shape) > 1 and "norm" not in name and not name.endswith(".bias")
 
 
+def _flat(tensors):
+    return ops.cat([ops.reshape(ops.cast(t, ms.float32), (-1,)) for t in tensors])
+
+
 class AdamW(nn.Cell):
-    """update(grads, lr): p <- p - lr*wd*p; m,v moments; p <- p - lr * m_hat / (sqrt(v_hat) + eps)."""
+    """update(grads, lr[, apply]): p <- p - lr*wd*p; m,v moments; p <- p - lr * m_hat / (sqrt(v_hat) + eps).
+
+    `apply` (bool scalar Tensor, optional): when False the parameters, moments and step count keep their values
+    (the update is computed and discarded), so a non-finite step can be skipped inside a compiled graph.
+    """
 
     def __init__(self, params, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
         super().__init__(auto_prefix=False)
         self.params = ms.ParameterTuple(params)
-        self.exp_avg = self.params.clone(prefix="adam_m", init="zeros")
-        self.exp_avg_sq = self.params.clone(prefix="adam_v", init="zeros")
         self.beta1 = float(beta1)
         self.beta2 = float(beta2)
         self.eps = float(eps)
         self.decay_flags = tuple(decays(p) for p in self.params)
         self.weight_decay = float(weight_decay)
         self.global_step = Parameter(Tensor(0, ms.int32), name="global_step", requires_grad=False)
+        self.sizes = tuple(int(np.prod(p.shape)) for p in self.params)
+        self.flat = (0 < sum(self.sizes) <= FLAT_MAX) and all(p.dtype == ms.float32 for p in self.params)
+        if self.flat:
+            n = sum(self.sizes)
+            self.exp_avg_flat = Parameter(Tensor(np.zeros(n, np.float32)), name="adam_m_flat", requires_grad=False)
+            self.exp_avg_sq_flat = Parameter(Tensor(np.zeros(n, np.float32)), name="adam_v_flat",
+                                             requires_grad=False)
+            mask = np.concatenate([np.full(k, 1.0 if d else 0.0, np.float32)
+                                   for k, d in zip(self.sizes, self.decay_flags)])
+            self.decay_mask = Tensor(mask) if 0 < mask.sum() < mask.size else None
+        else:
+            self.exp_avg = self.params.clone(prefix="adam_m", init="zeros")
+            self.exp_avg_sq = self.params.clone(prefix="adam_v", init="zeros")
 
-    def construct(self, grads, lr):
+    def flatten(self, grads):
+        """The gradients (one per parameter) as the flat fp32 vector `construct` takes in flat mode."""
+        return _flat(grads)
+
+    def _keep(self, apply, new, old):
+        return new if apply is None else ops.select(apply, new, old)
+
+    def construct(self, grads, lr, apply=None):
+        """grads: one per parameter, or in flat mode also the flat vector of `flatten(grads)`."""
         step = self.global_step + 1
-        ops.assign(self.global_step, step)
+        ops.assign(self.global_step, self._keep(apply, step, self.global_step))
         stepf = ops.cast(step, ms.float32)
         bc1 = 1.0 - ops.pow(Tensor(self.beta1, ms.float32), stepf)
         bc2 = 1.0 - ops.pow(Tensor(self.beta2, ms.float32), stepf)
+        if self.flat:
+            done = self._update_flat(grads if isinstance(grads, Tensor) else _flat(grads), lr, bc1, bc2, apply)
+            return ops.depend(step, done)
+        news = ()
         for i in range(len(self.params)):
             p, g, m, v = self.params[i], grads[i], self.exp_avg[i], self.exp_avg_sq[i]
             g = ops.cast(g, ms.float32)
@@ -49,24 +88,69 @@ class AdamW(nn.Cell):
             v_new = self.beta2 * v + (1.0 - self.beta2) * g * g
             denom = ops.sqrt(v_new / bc2) + self.eps
             p32 = p32 - (lr / bc1) * m_new / denom
-            ops.assign(m, m_new)
-            ops.assign(v, v_new)
-            ops.assign(p, ops.cast(p32, p.dtype))
-        return step
+            news += (ops.assign(m, self._keep(apply, m_new, m)), ops.assign(v, self._keep(apply, v_new, v)),
+                     ops.assign(p, self._keep(apply, ops.cast(p32, p.dtype), p)))
+        return ops.depend(step, news)   # the step count, available once every assignment is done
+
+    def _update_flat(self, g, lr, bc1, bc2, apply):
+        """The loop of `construct` on concatenated vectors (elementwise: the same numbers)."""
+        p0 = _flat(self.params)
+        p32 = p0
+        m, v = self.exp_avg_flat, self.exp_avg_sq_flat
+        if self.weight_decay > 0.0 and any(self.decay_flags):
+            coef = lr * self.weight_decay
+            if self.decay_mask is not None:
+                coef = coef * self.decay_mask
+            p32 = p32 - coef * p32
+        m_new = self.beta1 * m + (1.0 - self.beta1) * g
+        v_new = self.beta2 * v + (1.0 - self.beta2) * g * g
+        denom = ops.sqrt(v_new / bc2) + self.eps
+        p32 = p32 - (lr / bc1) * m_new / denom
+        if apply is not None:
+            m_new = ops.select(apply, m_new, m)
+            v_new = ops.select(apply, v_new, v)
+            p32 = ops.select(apply, p32, p0)
+        done = (ops.assign(self.exp_avg_flat, m_new), ops.assign(self.exp_avg_sq_flat, v_new))
+        parts = ops.split(p32, self.sizes)
+        for i in range(len(self.params)):
+            p = self.params[i]
+            done += (ops.assign(p, ops.reshape(parts[i], p.shape)),)
+        return done
+
+    def _moment_names(self):
+        return [f"adam_m.{p.name}" for p in self.params], [f"adam_v.{p.name}" for p in self.params]
 
     def state_arrays(self) -> dict:
         """Optimizer state as name -> numpy (moments, step), for checkpoints."""
-        out = {p.name: p.asnumpy() for p in list(self.exp_avg) + list(self.exp_avg_sq)}
+        if self.flat:
+            out = {}
+            for names, flat in zip(self._moment_names(), (self.exp_avg_flat, self.exp_avg_sq_flat)):
+                parts = np.split(flat.asnumpy(), np.cumsum(self.sizes)[:-1])
+                out.update({n: a.reshape(p.shape) for n, a, p in zip(names, parts, self.params)})
+        else:
+            out = {p.name: p.asnumpy() for p in list(self.exp_avg) + list(self.exp_avg_sq)}
         out["global_step"] = np.array(int(self.global_step.asnumpy()), np.int32)
         return out
 
     def load_state_arrays(self, arrays: dict, source: str = ""):
         from ..errors import CheckpointError
+
+        def get(name, shape):
+            if name not in arrays:
+                raise CheckpointError(f"{source}: optimizer state '{name}' missing; cannot resume exactly")
+            a = np.asarray(arrays[name])
+            if tuple(a.shape) != tuple(shape):
+                raise CheckpointError(f"{source}: optimizer state '{name}' has shape {a.shape}, "
+                                      f"expected {tuple(shape)}")
+            return a
+
+        if self.flat:
+            flats = [np.concatenate([get(n, p.shape).astype(np.float32).reshape(-1)
+                                     for n, p in zip(names, self.params)]) for names in self._moment_names()]
+            step = get("global_step", self.global_step.shape)
+            self.exp_avg_flat.set_data(Tensor(flats[0]))
+            self.exp_avg_sq_flat.set_data(Tensor(flats[1]))
+            self.global_step.set_data(Tensor(step, self.global_step.dtype))
+            return
         for p in list(self.exp_avg) + list(self.exp_avg_sq) + [self.global_step]:
-            if p.name not in arrays:
-                raise CheckpointError(f"{source}: optimizer state '{p.name}' missing; cannot resume exactly")
-            a = np.asarray(arrays[p.name])
-            if tuple(a.shape) != tuple(p.shape):
-                raise CheckpointError(f"{source}: optimizer state '{p.name}' has shape {a.shape}, "
-                                      f"expected {tuple(p.shape)}")
-            p.set_data(Tensor(a, p.dtype))
+            p.set_data(Tensor(get(p.name, p.shape), p.dtype))

@@ -5,16 +5,23 @@ The loss is token-weighted across everything that forms the step: each micro-bat
 gradient of its *sum* of token losses, and the total is divided by the number of supervised tokens of
 the whole (global) batch. So 4 micro-batches of 1 give exactly the update of one batch of 4, and data
 parallel ranks give exactly the update of the single-process global batch.
+
+Compiled graphs (jit): one graph per micro-batch (value and gradients) and one for scaling, clipping and the
+update, which is applied inside the graph only when the grad norm and the loss are finite. A step of one
+micro-batch without data parallelism is a single graph. On CPU with our kernels the host then sleeps until a
+graph signals its end (kernels.CompletionSignal) instead of spinning in MindSpore's wait.
 """
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from ..errors import TrainingError
+from ..models import kernels
 
 BATCH_KEYS = ("input_ids", "labels", "position_ids", "segment_ids")
 
@@ -32,25 +39,35 @@ class TrainStep:
         self.loss_scale = loss_scale          # LossScaler or None (fp32)
         self.reducer = nn.DistributedGradReducer(self.weights, mean=False) if data_parallel else None
         self.allreduce = ops.AllReduce() if data_parallel else None
+        self.clip = float(max_grad_norm or 0.0)
+        self.jit = jit
+        # compiled graphs end with a completion signal where our CPU kernels exist: the host sleeps until then
+        # instead of spinning in MindSpore's wait (see kernels.CompletionSignal)
+        self._signal = kernels.completion_signal() if jit else None
+        self._graph_time = 0.0
         grad_fn = ms.value_and_grad(self._scaled_loss_sum, None, self.weights, has_aux=True)
 
         def micro(scale, *batch):
             (loss, count), grads = grad_fn(scale, *batch)
             return loss, count, grads
 
+        def micro_signalled(scale, *batch):
+            (loss, count), grads = grad_fn(scale, *batch)
+            return loss, count, grads, kernels.notify(loss, count, *grads)
+
         def add(acc, grads):
             return tuple(a + g for a, g in zip(acc, grads))
 
-        opt = optimizer
+        def whole(scale, lr, *batch):
+            """One micro-batch, no data parallelism: the whole step in one graph (as micro + _finish)."""
+            (loss, count), grads = grad_fn(scale, *batch)
+            inv = 1.0 / (ops.maximum(count, 1.0) * scale)
+            return (loss, count) + self._finish(grads, inv, lr, ops.isfinite(loss))
 
-        def apply(grads, lr):
-            return opt(grads, lr)
-
-        self.jit = jit
-        self._micro = ms.jit(micro) if jit else micro
+        self._micro = ms.jit(micro_signalled if self._signal else micro) if jit else micro
         self._add = ms.jit(add) if jit else add
         self._update = ms.jit(self._finish) if jit else self._finish
-        self._apply = ms.jit(apply) if jit else apply
+        self._whole = ms.jit(whole) if jit else whole
 
     def _var(self, tensors):
         """A tuple of tensors passed to a jit function as variables (not constants baked into the graph)."""
@@ -60,28 +77,55 @@ class TrainStep:
         s, n = self.model.loss_sum_and_count(input_ids, labels, position_ids, segment_ids)
         return s * scale, n
 
-    def _finish(self, grads, inv_tokens, lr, clip):
-        grads = tuple(g * inv_tokens for g in grads)
-        sq = [ops.sum(ops.square(ops.cast(g, ms.float32))) for g in grads]
-        norm = ops.sqrt(ops.addn(sq))
-        finite = ops.isfinite(norm)
-        if clip > 0:
-            factor = ops.minimum(clip / (norm + 1e-6), 1.0)
-            grads = tuple(g * factor for g in grads)
-        return grads, norm, finite
+    def _finish(self, grads, inv_tokens, lr, loss_finite):
+        """Scale by 1/tokens, global norm, clip, and the optimizer update unless the norm or the loss is not
+        finite (then nothing changes). One compiled graph; returns (norm, finite[, completion token])."""
+        opt = self.optimizer
+        if opt.flat:      # many small parameters: one flat vector (same elementwise arithmetic)
+            g = opt.flatten(grads) * inv_tokens
+            norm = ops.sqrt(ops.sum(ops.square(g)))
+        else:
+            g = tuple(x * inv_tokens for x in grads)
+            norm = ops.sqrt(ops.addn([ops.sum(ops.square(ops.cast(x, ms.float32))) for x in g]))
+        finite = ops.logical_and(ops.isfinite(norm), loss_finite)
+        if self.clip > 0:
+            factor = ops.minimum(self.clip / (norm + 1e-6), 1.0)
+            g = g * factor if opt.flat else tuple(x * factor for x in g)
+        step = opt(g, lr, finite)     # available once the update is done
+        if self._signal is None:
+            return norm, finite
+        return norm, finite, kernels.notify(norm, step)
+
+    def _run(self, fn, *args):
+        """Call a compiled graph; with a completion signal, sleep until it is (nearly) done."""
+        if self._signal is None:
+            return fn(*args)
+        self._signal.clear()
+        t = time.perf_counter()
+        out = fn(*args)
+        self._signal.wait(max(1.0, 4.0 * self._graph_time))   # on timeout: MindSpore's own wait, as before
+        self._graph_time = time.perf_counter() - t
+        return out
 
     def __call__(self, micro_batches, lr: float) -> StepResult:
         """micro_batches: list of dicts of numpy arrays (keys from BATCH_KEYS). Returns loss, grad_norm, tokens."""
         scale = self.loss_scale.value if self.loss_scale else 1.0
         scale_t = Tensor(scale, ms.float32)
-        acc = None
-        loss_sum = 0.0
-        tokens = 0.0
+        batches = []
         for mb in micro_batches:
             args = [Tensor(mb[k]) if mb.get(k) is not None else None for k in BATCH_KEYS]
             while args and args[-1] is None:
                 args.pop()
-            loss, count, grads = self._micro(scale_t, *args)
+            batches.append(args)
+        if len(batches) == 1 and self.reducer is None:
+            loss, count, norm, finite = self._run(self._whole, scale_t, Tensor(lr, ms.float32), *batches[0])[:4]
+            tokens = float(count.asnumpy())
+            return self._result(float(loss.asnumpy()) / scale / max(tokens, 1.0), tokens, norm, finite)
+        acc = None
+        loss_sum = 0.0
+        tokens = 0.0
+        for args in batches:
+            loss, count, grads = self._run(self._micro, scale_t, *args)[:3]
             acc = grads if acc is None else self._add(self._var(acc), self._var(grads))
             loss_sum += float(loss.asnumpy()) / scale
             tokens += float(count.asnumpy())
@@ -91,15 +135,17 @@ class TrainStep:
             loss_sum, tokens = float(tot[0]), float(tot[1])
         loss = loss_sum / max(tokens, 1.0)
         inv = Tensor(1.0 / (max(tokens, 1.0) * scale), ms.float32)
-        clip = float(self.max_grad_norm or 0.0)
-        grads, norm, finite = self._update(self._var(acc), inv, Tensor(lr, ms.float32), Tensor(clip, ms.float32))
-        finite = bool(finite.asnumpy()) and math.isfinite(loss)
+        # the update is applied inside the graph only if the grad norm and the loss are finite
+        norm, finite = self._run(self._update, self._var(acc), inv, Tensor(lr, ms.float32),
+                                 Tensor(math.isfinite(loss)))[:2]
+        return self._result(loss, tokens, norm, finite)
+
+    def _result(self, loss, tokens, norm, finite) -> StepResult:
+        finite = bool(finite.asnumpy())
         skipped = False
         if self.loss_scale is not None:
             skipped = not self.loss_scale.update(finite)
-        if finite:
-            self._apply(self._var(grads), Tensor(lr, ms.float32))
-        elif self.loss_scale is None:
+        elif not finite:
             raise TrainingError(f"loss is {loss} (grad norm {float(norm.asnumpy())}): not finite; "
                                 "the update was not applied")
         return StepResult(loss=loss, grad_norm=float(norm.asnumpy()), tokens=tokens, skipped=skipped)
