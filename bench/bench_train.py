@@ -4,6 +4,8 @@ Same model (bundled stories260K), same batches (Alpaca demo, tokenized once), sa
 projection) or full fine-tuning, same AdamW. Prints steps/s of each and the ratio (ours / reference).
 
     .venv/bin/python bench/bench_train.py [--mode lora|full] [--steps 20] [--batch 8] [--seq 512]
+
+MFSFT_CPU_KERNELS=0 measures ours without the fused CPU kernels of models/kernels.py (basic MindSpore ops only).
 """
 import argparse
 import os
@@ -49,7 +51,7 @@ def ours(data, mode, lr, warmup):
         step([b], lr)
     t = time.perf_counter()
     losses = [step([b], lr).loss for b in data[warmup:]]
-    return (len(data) - warmup) / (time.perf_counter() - t), losses
+    return (len(data) - warmup) / (time.perf_counter() - t), losses, model.cpu_kernel
 
 
 def reference(data, mode, lr, warmup):
@@ -88,10 +90,11 @@ def main():
     data = batches(a.batch, a.seq, a.steps + a.warmup)
     lr = 1e-3
     ref_sps, ref_l = reference(data, a.mode, lr, a.warmup)
-    our_sps, our_l = ours(data, a.mode, lr, a.warmup)
+    our_sps, our_l, kernels_on = ours(data, a.mode, lr, a.warmup)
     print(f"{a.mode}: batch {a.batch} x seq {a.seq}, {a.steps} timed steps after {a.warmup} warm-up")
     print(f"  transformers+{'peft' if a.mode == 'lora' else 'torch'}: {ref_sps:.2f} steps/s  (first loss {ref_l[0]:.4f})")
-    print(f"  mindformers_sft:   {our_sps:.2f} steps/s  (first loss {our_l[0]:.4f})")
+    print(f"  mindformers_sft:   {our_sps:.2f} steps/s  (first loss {our_l[0]:.4f}; fused CPU kernels "
+          f"{'on' if kernels_on else 'off'})")
     print(f"  speed ratio (ours / reference): {our_sps / ref_sps:.2f}x")
 
 

@@ -157,6 +157,7 @@ _CROSS_ENTROPY = None
 _NOTIFY = None
 _RMS_NORM = None
 _SWIGLU = None
+_GRAD_SQ_SUM = None
 
 
 def _cache_dir() -> str:
@@ -232,6 +233,8 @@ def _make_ops(so: str):
                     out_dtype=lambda *a: (f32, f32), func_type="aot", bprop=ce_bprop)
     notify = ops.Custom(f"{so}:MfsftNotify", out_shape=lambda *a: [1], out_dtype=lambda *a: ms.int32,
                         func_type="aot")
+    grad_sq = ops.Custom(f"{so}:MfsftGradSqSum", out_shape=lambda *a: [1], out_dtype=lambda *a: f32,
+                         func_type="aot")
 
     rms_bwd = ops.Custom(f"{so}:MfsftRmsNormBwd", out_shape=lambda x, w, *rest: (x, w),
                          out_dtype=lambda *a: (f32, f32), func_type="aot")
@@ -249,18 +252,19 @@ def _make_ops(so: str):
         return swiglu_bwd(g, u, dout)
     swiglu_op = ops.Custom(f"{so}:MfsftSwigluFwd", out_shape=lambda g, u: g, out_dtype=lambda *a: f32,
                            func_type="aot", bprop=swiglu_bprop)
-    return attn("BSND"), ce, notify, rms, swiglu_op
+    return attn("BSND"), ce, notify, rms, swiglu_op, grad_sq
 
 
 def cpu_kernels() -> bool:
     """True when the fused CPU kernels can be used: device CPU, not disabled, and the library builds."""
-    global _ATTN_BSND, _CROSS_ENTROPY, _NOTIFY, _RMS_NORM, _SWIGLU
+    global _ATTN_BSND, _CROSS_ENTROPY, _NOTIFY, _RMS_NORM, _SWIGLU, _GRAD_SQ_SUM
     if ms.get_context("device_target") != "CPU" or os.environ.get("MFSFT_CPU_KERNELS", "1") == "0":
         return False
     if _CPU_STATE["ops"] is None and _CPU_STATE["error"] is None:
         try:
             so = _build_library()
-            _ATTN_BSND, _CROSS_ENTROPY, _NOTIFY, _RMS_NORM, _SWIGLU = _CPU_STATE["ops"] = _make_ops(so)
+            (_ATTN_BSND, _CROSS_ENTROPY, _NOTIFY, _RMS_NORM, _SWIGLU,
+             _GRAD_SQ_SUM) = _CPU_STATE["ops"] = _make_ops(so)
             _CPU_STATE["so"] = so
         except Exception as e:  # no compiler, unwritable cache, MindSpore refusing the op: basic ops instead
             _CPU_STATE["error"] = f"{type(e).__name__}: {e}"
@@ -345,6 +349,20 @@ def completion_signal():
         except (OSError, AttributeError):
             return None
     return _CPU_STATE["signal"]
+
+
+def grad_sq_sum(inv, grads):
+    """In a graph (needs `cpu_kernels()`): sum over all gradients of (g * inv)^2, fp32 (1,); one kernel."""
+    return _GRAD_SQ_SUM(inv, *grads)
+
+
+def adamw_flat_op(n_params: int):
+    """The fused AdamW update of trainer/optimizer.py (flat mode) for `n_params` fp32 parameters (needs
+    `cpu_kernels()`): op(*grads, *params, m, v, scal, hyper, decays) -> (m, v, *params); see _CPU_SOURCE."""
+    k = n_params
+    return ops.Custom(f"{_CPU_STATE['so']}:MfsftAdamWFlat",
+                      out_shape=lambda *s: (s[2 * k], s[2 * k + 1]) + tuple(s[k:2 * k]),
+                      out_dtype=lambda *a: (ms.float32,) * (k + 2), func_type="aot")
 
 
 def notify(*tensors):
@@ -562,7 +580,15 @@ bool parse_attn(void **params, const char **dtypes, AttnArgs &a) {
 
 
 // ---- fixed head_dim (8, 16, 32, 64, 128): chunks of W keys, accumulators in registers -----------------------
-constexpr int64_t W = 16;  // keys per chunk (one AVX-512 vector of floats)
+// keys per chunk: one native SIMD register of floats (vector types wider than the hardware's would be emulated,
+// slowly)
+#if defined(__AVX512F__)
+constexpr int64_t W = 16;
+#elif defined(__AVX__)
+constexpr int64_t W = 8;
+#else
+constexpr int64_t W = 4;
+#endif
 
 inline int64_t round_up(int64_t n) { return (n + W - 1) / W * W; }
 
@@ -588,7 +614,7 @@ struct KVBlock {
   }
 };
 
-// W-lane vectors (GCC/Clang vector extensions: one AVX-512 register, or several narrower ones)
+// W-lane vectors (GCC/Clang vector extensions)
 typedef float vf __attribute__((vector_size(W * 4)));
 typedef int32_t vi __attribute__((vector_size(W * 4)));
 
@@ -1235,4 +1261,88 @@ MFSFT_OP(MfsftRmsNormFwd, rms_fwd)
 MFSFT_OP(MfsftRmsNormBwd, rms_bwd)
 MFSFT_OP(MfsftSwigluFwd, swiglu_fwd)
 MFSFT_OP(MfsftSwigluBwd, swiglu_bwd)
+
+// ---------------------------------------------------------------------------------------------------------------
+// AdamW step on many small fp32 parameters at once (trainer/optimizer.py, flat mode): the elementwise arithmetic
+// of the basic-ops update in the same order, without reassociation (bit-identical results)
+// ---------------------------------------------------------------------------------------------------------------
+#pragma GCC push_options
+#pragma GCC optimize("no-associative-math", "fp-contract=off")
+namespace {
+
+int64_t numel(int nd, const int64_t *shape) {
+  int64_t n = 1;
+  for (int i = 0; i < nd; ++i) n *= shape[i];
+  return n;
+}
+
+// inputs: inv (1,), k gradients; output: (1,) sum over all elements of (g * inv)^2
+int grad_sq_sum(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+  const int k = nparam - 2;
+  for (int i = 0; i < nparam; ++i)
+    if (!is_f32(dtypes[i])) return 1;
+  const float inv = *(const float *)params[0];
+  double acc = 0.0;
+  for (int t = 0; t < k; ++t) {
+    const float *g = (const float *)params[1 + t];
+    const int64_t n = numel(ndims[1 + t], shapes[1 + t]);
+    for (int64_t i = 0; i < n; ++i) {
+      const float x = g[i] * inv;
+      acc += (double)(x * x);
+    }
+  }
+  *(float *)params[nparam - 1] = (float)acc;
+  return 0;
+}
+
+// inputs: k gradients, k parameters, m (N,), v (N,), scal (6,) = [lr, bc1, bc2, inv_tokens, clip factor, apply],
+//         hyper (6,) = [beta1, 1 - beta1, beta2, 1 - beta2, eps, weight_decay], decays (k,) 1/0;
+// outputs: m (N,), v (N,), k parameters. With apply == 0 the outputs are the inputs.
+int adamw_flat(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+  if ((nparam - 7) % 3 != 0) return 1;
+  const int k = (nparam - 7) / 3;
+  for (int i = 0; i < nparam; ++i)
+    if (!is_f32(dtypes[i])) return 1;
+  const float *m = (const float *)params[2 * k], *v = (const float *)params[2 * k + 1];
+  const float *scal = (const float *)params[2 * k + 2], *hyper = (const float *)params[2 * k + 3];
+  const float *decays = (const float *)params[2 * k + 4];
+  float *mo = (float *)params[2 * k + 5], *vo = (float *)params[2 * k + 6];
+  const float lr = scal[0], bc1 = scal[1], bc2 = scal[2], inv = scal[3], factor = scal[4];
+  const bool apply = scal[5] != 0.0f;
+  const float b1 = hyper[0], omb1 = hyper[1], b2 = hyper[2], omb2 = hyper[3], eps = hyper[4], wd = hyper[5];
+  const float step_lr = lr / bc1, coef = lr * wd;
+  int64_t off = 0;
+  for (int t = 0; t < k; ++t) {
+    const float *g = (const float *)params[t], *p = (const float *)params[k + t];
+    float *po = (float *)params[2 * k + 7 + t];
+    const int64_t n = numel(ndims[k + t], shapes[k + t]);
+    if (!apply) {
+      std::memcpy(po, p, n * sizeof(float));
+      std::memcpy(mo + off, m + off, n * sizeof(float));
+      std::memcpy(vo + off, v + off, n * sizeof(float));
+      off += n;
+      continue;
+    }
+    const bool decay = decays[t] != 0.0f && wd > 0.0f;
+    for (int64_t i = 0; i < n; ++i) {
+      const float gi = (g[i] * inv) * factor;
+      float pi = p[i];
+      if (decay) pi = pi - coef * pi;
+      const float mi = b1 * m[off + i] + omb1 * gi;
+      const float vi = b2 * v[off + i] + (omb2 * gi) * gi;
+      const float denom = std::sqrt(vi / bc2) + eps;
+      po[i] = pi - (step_lr * mi) / denom;
+      mo[off + i] = mi;
+      vo[off + i] = vi;
+    }
+    off += n;
+  }
+  return 0;
+}
+
+}  // namespace
+#pragma GCC pop_options
+
+MFSFT_OP(MfsftGradSqSum, grad_sq_sum)
+MFSFT_OP(MfsftAdamWFlat, adamw_flat)
 """

@@ -18,6 +18,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
+from ..models import kernels
+
 FLAT_MAX = 1 << 25  # elements
 
 
@@ -56,7 +58,15 @@ class AdamW(nn.Cell):
             mask = np.concatenate([np.full(k, 1.0 if d else 0.0, np.float32)
                                    for k, d in zip(self.sizes, self.decay_flags)])
             self.decay_mask = Tensor(mask) if 0 < mask.sum() < mask.size else None
+            # on CPU with our kernels: the whole flat update in one kernel (kernels.adamw_flat_op)
+            self.fused = kernels.cpu_kernels()
+            if self.fused:
+                self._fused_op = kernels.adamw_flat_op(len(self.params))
+                self._hyper = Tensor(np.array([self.beta1, 1.0 - self.beta1, self.beta2, 1.0 - self.beta2, self.eps,
+                                               self.weight_decay], np.float32))
+                self._decays = Tensor(np.array(self.decay_flags, np.float32))
         else:
+            self.fused = False
             self.exp_avg = self.params.clone(prefix="adam_m", init="zeros")
             self.exp_avg_sq = self.params.clone(prefix="adam_v", init="zeros")
 
@@ -91,6 +101,22 @@ class AdamW(nn.Cell):
             news += (ops.assign(m, self._keep(apply, m_new, m)), ops.assign(v, self._keep(apply, v_new, v)),
                      ops.assign(p, self._keep(apply, ops.cast(p32, p.dtype), p)))
         return ops.depend(step, news)   # the step count, available once every assignment is done
+
+    def update_fused(self, grads, lr, inv_tokens, factor, apply):
+        """`fused` mode: construct(flatten(grads) * inv_tokens * factor, lr, apply) in one kernel (the same
+        arithmetic, in the same order); grads one per parameter, the other arguments scalar Tensors."""
+        step = self.global_step + 1
+        ops.assign(self.global_step, ops.select(apply, step, self.global_step))
+        stepf = ops.cast(step, ms.float32)
+        bc1 = 1.0 - ops.pow(Tensor(self.beta1, ms.float32), stepf)
+        bc2 = 1.0 - ops.pow(Tensor(self.beta2, ms.float32), stepf)
+        scal = ops.stack([ops.reshape(ops.cast(x, ms.float32), ()) for x in (lr, bc1, bc2, inv_tokens, factor, apply)])
+        out = self._fused_op(*grads, *self.params, self.exp_avg_flat, self.exp_avg_sq_flat, scal, self._hyper,
+                             self._decays)
+        done = (ops.assign(self.exp_avg_flat, out[0]), ops.assign(self.exp_avg_sq_flat, out[1]))
+        for i in range(len(self.params)):
+            done += (ops.assign(self.params[i], out[2 + i]),)
+        return ops.depend(step, done)
 
     def _update_flat(self, g, lr, bc1, bc2, apply):
         """The loop of `construct` on concatenated vectors (elementwise: the same numbers)."""

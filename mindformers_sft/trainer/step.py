@@ -8,8 +8,9 @@ parallel ranks give exactly the update of the single-process global batch.
 
 Compiled graphs (jit): one graph per micro-batch (value and gradients) and one for scaling, clipping and the
 update, which is applied inside the graph only when the grad norm and the loss are finite. A step of one
-micro-batch without data parallelism is a single graph. On CPU with our kernels the host then sleeps until a
-graph signals its end (kernels.CompletionSignal) instead of spinning in MindSpore's wait.
+micro-batch without data parallelism is a single graph. The host sleeps while a graph runs (until its completion
+signal with our CPU kernels, kernels.CompletionSignal) instead of spinning in MindSpore's wait, which on a
+machine with few cores takes a core from the kernels it waits for.
 """
 from __future__ import annotations
 
@@ -41,10 +42,13 @@ class TrainStep:
         self.allreduce = ops.AllReduce() if data_parallel else None
         self.clip = float(max_grad_norm or 0.0)
         self.jit = jit
+        self._flat = bool(getattr(optimizer, "flat", False))     # AdamW's update modes (optimizer.py)
+        self._fused = bool(getattr(optimizer, "fused", False))
         # compiled graphs end with a completion signal where our CPU kernels exist: the host sleeps until then
         # instead of spinning in MindSpore's wait (see kernels.CompletionSignal)
         self._signal = kernels.completion_signal() if jit else None
-        self._graph_time = 0.0
+        self._graph_time = {}    # compiled function -> durations (s) of its last runs
+        self._compiled = set()
         grad_fn = ms.value_and_grad(self._scaled_loss_sum, None, self.weights, has_aux=True)
 
         def micro(scale, *batch):
@@ -81,7 +85,15 @@ class TrainStep:
         """Scale by 1/tokens, global norm, clip, and the optimizer update unless the norm or the loss is not
         finite (then nothing changes). One compiled graph; returns (norm, finite[, completion token])."""
         opt = self.optimizer
-        if opt.flat:      # many small parameters: one flat vector (same elementwise arithmetic)
+        if self._fused:   # CPU kernels: norm and the whole update in two kernels (same arithmetic)
+            norm = ops.reshape(ops.sqrt(kernels.grad_sq_sum(inv_tokens, grads)), ())
+            finite = ops.logical_and(ops.isfinite(norm), loss_finite)
+            factor = ops.minimum(self.clip / (norm + 1e-6), 1.0) if self.clip > 0 else ops.ones((), ms.float32)
+            step = opt.update_fused(grads, lr, inv_tokens, factor, finite)
+            if self._signal is None:
+                return norm, finite
+            return norm, finite, kernels.notify(norm, step)
+        if self._flat:    # many small parameters: one flat vector (same elementwise arithmetic)
             g = opt.flatten(grads) * inv_tokens
             norm = ops.sqrt(ops.sum(ops.square(g)))
         else:
@@ -90,21 +102,33 @@ class TrainStep:
         finite = ops.logical_and(ops.isfinite(norm), loss_finite)
         if self.clip > 0:
             factor = ops.minimum(self.clip / (norm + 1e-6), 1.0)
-            g = g * factor if opt.flat else tuple(x * factor for x in g)
+            g = g * factor if self._flat else tuple(x * factor for x in g)
         step = opt(g, lr, finite)     # available once the update is done
         if self._signal is None:
             return norm, finite
         return norm, finite, kernels.notify(norm, step)
 
     def _run(self, fn, *args):
-        """Call a compiled graph; with a completion signal, sleep until it is (nearly) done."""
-        if self._signal is None:
+        """Call a compiled graph and wait for it without spinning: until its completion signal, or (without our
+        CPU kernels) for most of its last duration; then MindSpore's own (spinning) wait finishes the job."""
+        if not self.jit:
             return fn(*args)
-        self._signal.clear()
+        past = self._graph_time.setdefault(fn, [])      # durations of its last runs (not the compiling one)
+        compiled = fn in self._compiled
+        if self._signal is not None:
+            self._signal.clear()
         t = time.perf_counter()
         out = fn(*args)
-        self._signal.wait(max(1.0, 4.0 * self._graph_time))   # on timeout: MindSpore's own wait, as before
-        self._graph_time = time.perf_counter() - t
+        if self._signal is not None:
+            self._signal.wait(max(1.0, 4.0 * max(past)) if past else 10.0)
+        elif past:
+            time.sleep(0.8 * min(past))
+        out[0].asnumpy()
+        if compiled:
+            past.append(time.perf_counter() - t)
+            del past[:-5]
+        else:
+            self._compiled.add(fn)
         return out
 
     def __call__(self, micro_batches, lr: float) -> StepResult:
