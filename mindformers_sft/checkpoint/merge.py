@@ -15,9 +15,9 @@ import numpy as np
 
 from ..errors import CheckpointError
 from .io import save_ckpt, save_safetensors
+from .loading import OPT_PREFIXES
 from .training_state import CheckpointManager
 
-OPT_PREFIXES = ("adam_m.", "adam_v.", "global_step")
 
 
 def rank_dirs(src: str):

@@ -481,7 +481,8 @@ def _reversed(args, inp, outp) -> ConvertResult:
     entry = None
     if os.path.isdir(inp) and _training_rank_dir(inp, 0) is not None or os.path.isfile(inp):
         _, inp, entry = resolve(inp, warn=lambda m: print(m, file=sys.stderr))
-    if os.path.isfile(inp) and any(k.endswith((".lora_a", ".lora_b")) and not k.startswith(("adam_m.", "adam_v."))
+    from ..checkpoint.loading import OPT_PREFIXES
+    if os.path.isfile(inp) and any(k.endswith((".lora_a", ".lora_b")) and not k.startswith(OPT_PREFIXES)
                                    for k in file_infos(inp)):
         from .lora_export import export_lora
         res = export_lora(inp, outp, args.peft_path, args.config, args.base_path, args.dtype, args.max_shard_size)

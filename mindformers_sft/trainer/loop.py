@@ -10,7 +10,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor
 
-from ..checkpoint.loading import _training_rank_dir
+from ..checkpoint.loading import _training_rank_dir, split
 from ..checkpoint.training_state import CheckpointManager
 from ..data.sampler import BatchPlan, collate
 from ..errors import CheckpointError, TrainingError
@@ -96,7 +96,8 @@ def train(cfg, model, train_ds, eval_ds=None, rank: RankInfo = RankInfo(), strea
             monitor.message(f"[resume] no checkpoint under {manager.dir}; starting from step 0")
         else:
             src = os.path.join(manager.dir, entry["file"])
-            weights = {k: v for k, v in arrays.items() if not k.startswith(("adam_m.", "adam_v.", "global_step"))}
+            base, adapters, _ = split(arrays)
+            weights = {**base, **adapters}
             load_state_dict(model, weights, strict=False, source=src)
             opt.load_state_arrays(arrays, source=src)
             step = int(entry["step"])
