@@ -177,6 +177,7 @@ def run(cfg, predict: dict = None):
     if cfg.run_mode == "plan":
         return 0
     os.makedirs(cfg.output_dir, exist_ok=True)
+    _prepare_checkpoint(cfg, rank.rank, log)
     if rank.is_main:
         with open(os.path.join(cfg.output_dir, "config_resolved.json"), "w", encoding="utf-8") as f:
             json.dump(cfg.to_plain(), f, indent=2, default=str)
@@ -185,6 +186,31 @@ def run(cfg, predict: dict = None):
     if cfg.run_mode == "eval":
         return _eval(cfg, rank, log)
     return _predict(cfg, predict or {}, log)
+
+
+def _prepare_checkpoint(cfg, rank, log):
+    """MindFormers' auto_trans_ckpt: a load_checkpoint of model/pipeline-parallel slices is assembled into one
+    complete checkpoint (OUTPUT/transformed_checkpoint/rank_N/) with MindSpore's transform, and loaded from there.
+    A complete checkpoint needs nothing: under semi-auto parallel (Ascend) MindSpore slices complete parameters
+    for each rank's layout when it compiles; under data parallel every rank loads it whole."""
+    from .checkpoint import transform
+    src = cfg.load_checkpoint
+    if not src or not os.path.isdir(src) or not transform.is_sliced(src, cfg.src_strategy_path_or_dir):
+        if cfg.auto_trans_ckpt and src:
+            log(f"[auto_trans_ckpt] {src} is a complete checkpoint: each rank takes its part of it as it loads")
+        return
+    if not cfg.auto_trans_ckpt:
+        raise ConfigError(f"load_checkpoint {src} holds model/pipeline-parallel slices (rank_N/ of another layout): "
+                          "set auto_trans_ckpt: True (and src_strategy_path_or_dir to its strategy files) to load "
+                          "it, or merge it first with python -m mindformers_sft.tools.merge_ckpt")
+    work = os.path.join(cfg.output_dir, "transformed_checkpoint", f"rank_{rank}")
+    strategy = transform.find_strategy(cfg.src_strategy_path_or_dir, src, work)
+    files = transform.rank_files(src, warn=log)
+    out = os.path.join(work, "complete.ckpt")
+    log(f"[auto_trans_ckpt] assembling {len(files)} rank slices of {src} ({strategy}) into {out}")
+    transform.to_complete(src, strategy, out, warn=log)
+    transform.write_meta(out, transform.meta_entry(files[0]), source=src)
+    cfg.load_checkpoint = out
 
 
 def _train(cfg, rank, log):

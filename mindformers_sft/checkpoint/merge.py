@@ -2,8 +2,8 @@
 
 Data parallel: every rank holds a full replica; the ranks' newest verified checkpoints must be of the
 same step and agree tensor for tensor, and one complete copy is written.
-Model/pipeline parallel (Ascend): ranks hold slices described by strategy files; MindSpore's own
-`transform_checkpoints` assembles them (not exercised on CPU, where only data parallel runs).
+Model/pipeline parallel: ranks hold slices described by strategy files; MindSpore's own checkpoint transform
+assembles them (see transform.py; exercised on CPU with slices cut by `tools.transform_ckpt`).
 """
 from __future__ import annotations
 
@@ -61,16 +61,24 @@ def merge_data_parallel(src: str, output_path: str, keep_optimizer=False, warn=p
     return {"step": step, "ranks": len(dirs), "tensors": len(out), "output_path": output_path}
 
 
-def merge_sliced(src: str, strategy: str, output_dir: str, prefix: str = "merged"):
-    """Model-parallel slices -> complete checkpoints with MindSpore's transform_checkpoints (Ascend outputs)."""
-    import mindspore as ms
+def merge_sliced(src: str, strategy: str, output_path: str, keep_optimizer=False, warn=print) -> dict:
+    """Model/pipeline-parallel slices -> one complete checkpoint, assembled by MindSpore's transform with the
+    strategy file (or directory of per-rank / per-stage files) that describes them."""
+    from .io import load_tensors
+    from .transform import find_strategy, to_complete
     if not os.path.exists(strategy):
         raise CheckpointError(f"{strategy}: strategy file or directory not found")
-    if os.path.isdir(strategy):
-        merged_strategy = os.path.join(output_dir, "merged_strategy.ckpt")
-        os.makedirs(output_dir, exist_ok=True)
-        ms.merge_pipeline_strategys(strategy, merged_strategy)
-        strategy = merged_strategy
-    base = os.path.join(src, "checkpoint") if os.path.isdir(os.path.join(src, "checkpoint")) else src
-    ms.transform_checkpoints(base, output_dir, prefix, strategy, None)
-    return {"output_path": output_dir}
+    out_dir = os.path.dirname(os.path.abspath(output_path))
+    strategy = find_strategy(strategy, src, os.path.join(out_dir, ".merge_strategy"))
+    tmp = os.path.join(out_dir, f".{os.path.basename(output_path)}.assembled.ckpt")
+    to_complete(src, strategy, tmp, warn=warn)
+    try:
+        arrays = load_tensors(tmp)
+    finally:
+        os.remove(tmp)
+    out = {k: v for k, v in arrays.items() if keep_optimizer or not k.startswith(OPT_PREFIXES)}
+    if output_path.endswith(".safetensors"):
+        save_safetensors(out, output_path)
+    else:
+        save_ckpt(out, output_path)
+    return {"strategy": strategy, "tensors": len(out), "output_path": output_path}

@@ -40,4 +40,8 @@ def init_parallel(cfg) -> RankInfo:
     dp = world // (mp * pp)
     mode = ms.ParallelMode.DATA_PARALLEL if mp == 1 and pp == 1 else ms.ParallelMode.SEMI_AUTO_PARALLEL
     ms.set_auto_parallel_context(parallel_mode=mode, gradients_mean=False, device_num=world)
+    if mode == ms.ParallelMode.SEMI_AUTO_PARALLEL:   # Ascend only: where MindSpore writes this rank's layout
+        strategy = os.path.join(os.path.abspath(cfg.output_dir), "strategy", f"ckpt_strategy_rank_{rank}.ckpt")
+        os.makedirs(os.path.dirname(strategy), exist_ok=True)
+        ms.set_auto_parallel_context(strategy_ckpt_config={"save_file": strategy, "only_trainable_params": False})
     return RankInfo(rank=rank, world_size=world, dp_size=dp)

@@ -12,15 +12,15 @@ from ..errors import SFTError
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m mindformers_sft.tools.merge_ckpt", description=__doc__)
     ap.add_argument("--src_dir", required=True, help="training output dir (or its checkpoint/ dir) with rank_N/")
-    ap.add_argument("--output_path", default="merged.ckpt", help="merged .ckpt or .safetensors (or a dir with "
-                                                                 "--strategy_dir)")
+    ap.add_argument("--output_path", default="merged.ckpt", help="merged .ckpt or .safetensors")
     ap.add_argument("--strategy_dir", "--src_strategy_path_or_dir", dest="strategy", default=None,
-                    help="strategy file/dir of a model/pipeline-parallel run (Ascend)")
+                    help="strategy file, or dir of per-rank/per-stage files, of a model/pipeline-parallel run")
     ap.add_argument("--keep_optimizer", action="store_true", help="keep adam_m/adam_v/global_step")
     a = ap.parse_args(argv)
     try:
         if a.strategy:
-            res = merge_sliced(a.src_dir, a.strategy, a.output_path)
+            res = merge_sliced(a.src_dir, a.strategy, a.output_path, a.keep_optimizer,
+                               warn=lambda m: print(m, file=sys.stderr))
         else:
             res = merge_data_parallel(a.src_dir, a.output_path, a.keep_optimizer,
                                       warn=lambda m: print(m, file=sys.stderr))

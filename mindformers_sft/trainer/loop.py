@@ -16,6 +16,7 @@ from ..data.sampler import BatchPlan, collate
 from ..errors import CheckpointError, TrainingError
 from ..models import load_state_dict
 from ..parallel import RankInfo
+from ..parallel.strategies import dims
 from .callbacks import History, LossMonitor, TensorBoard, plot_loss_curve
 from .lr_schedule import build_lr_schedule
 from .optimizer import AdamW
@@ -89,9 +90,16 @@ def train(cfg, model, train_ds, eval_ds=None, rank: RankInfo = RankInfo(), strea
         eval_every = int(eval_cb.get("step_interval", 100))
 
     step, entry = 0, None
+    _, mp, pp = dims(cfg.parallel_config) if cfg.use_parallel else (1, 1, 1)
+    layout = {"data_parallel": rank.dp_size, "model_parallel": mp, "pipeline_stage": pp}
     if cfg.resume_training:
         name = cfg.resume_training if isinstance(cfg.resume_training, str) else None
         entry, arrays = manager.latest(name, warn=monitor.message)
+        if entry and layout != {"data_parallel": layout["data_parallel"], "model_parallel": 1, "pipeline_stage": 1}:
+            # Ascend, semi-auto parallel: this rank's file holds slices; parameters are loaded whole before the
+            # compile slices them, so assemble all ranks' slices first (MindSpore's transform; not run on CPU)
+            from ..checkpoint.transform import resume_arrays
+            arrays = resume_arrays(out_dir, rank.rank, warn=monitor.message)
         if entry is None:
             monitor.message(f"[resume] no checkpoint under {manager.dir}; starting from step 0")
         else:
@@ -125,7 +133,7 @@ def train(cfg, model, train_ds, eval_ds=None, rank: RankInfo = RankInfo(), strea
         epoch = at // plan.steps_per_epoch if plan.steps_per_epoch else 0
         path = manager.save(trainable_arrays(model, opt, full), at, epoch, at * plan.global_batch,
                             extra={"loss_scale": scaler.value if scaler else None, "seed": cfg.seed,
-                                   "full_weights": full, "base_checkpoint": base_ckpt,
+                                   "full_weights": full, "base_checkpoint": base_ckpt, "parallel": layout,
                                    "pet_config": model.config.pet_config, "hf_config": hf_config})
         last_saved = at
         result.last_checkpoint = path
