@@ -1,5 +1,7 @@
 """msrun with 2 CPU workers and data_parallel 2 ends with the weights of a single-process run on the same
-global batch; the ranks saw disjoint samples; merging the ranks' checkpoints reproduces the single run's."""
+global batch; the ranks saw disjoint samples; merging the ranks' checkpoints reproduces the single run's.
+The data-parallel run starts from mp 2 x pp 2 slices of the same weights (auto_trans_ckpt), each rank
+assembling them on its own."""
 import json
 import os
 import subprocess
@@ -9,7 +11,8 @@ import numpy as np
 
 from mindformers_sft.checkpoint import load_tensors
 from mindformers_sft.tools.merge_ckpt import main as merge_main
-from tests.paths import ROOT
+from mindformers_sft.tools.transform_ckpt import main as transform_main
+from tests.paths import ROOT, STORIES
 
 CONFIG = "configs/stories260k/finetune_stories260k.yaml"
 COMMON = ["runner_config.max_steps=3", "context.mode=1", "do_eval=False", "eval_dataset.data_loader.dataset_dir=''",
@@ -42,7 +45,12 @@ def test_two_worker_data_parallel_equals_single_process(tmp_path):
                         "--output_dir", single, "--options", "runner_config.batch_size=4", *COMMON],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    inner = (f"run_mindformer.py --config {CONFIG} --use_parallel True --output_dir {dp} --options "
+    sliced = str(tmp_path / "sliced")
+    assert transform_main(["--src_checkpoint", STORIES, "--dst_checkpoint_dir", sliced, "--config",
+                           os.path.join(ROOT, CONFIG), "--options", "parallel_config.model_parallel=2",
+                           "parallel_config.pipeline_stage=2"]) == 0
+    inner = (f"run_mindformer.py --config {CONFIG} --use_parallel True --output_dir {dp} "
+             f"--load_checkpoint {sliced} --auto_trans_ckpt True --options "
              "runner_config.batch_size=2 parallel_config.data_parallel=2 " + " ".join(f'"{o}"' for o in COMMON))
     r = subprocess.run(["bash", "scripts/msrun_launcher.sh", inner, "2", "8131", str(tmp_path / "log"), "True", "300"],
                        cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -58,6 +66,11 @@ def test_two_worker_data_parallel_equals_single_process(tmp_path):
     for a, b, s in zip(o0, o1, os_):
         assert not set(a) & set(b)
         assert sorted(a + b) == sorted(s)
+    for rank in range(2):
+        assert os.path.isfile(os.path.join(dp, "transformed_checkpoint", f"rank_{rank}", "complete.ckpt"))
+        with open(os.path.join(dp, "checkpoint", f"rank_{rank}", "meta.json")) as f:
+            assert json.load(f)["checkpoints"][-1]["parallel"] == {"data_parallel": 2, "model_parallel": 1,
+                                                                   "pipeline_stage": 1}
     # rank 0 alone writes the shared outputs
     assert os.path.exists(os.path.join(dp, "loss_curve.png"))
     assert os.path.exists(os.path.join(dp, "train_rank_1.log"))
