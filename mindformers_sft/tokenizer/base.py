@@ -284,7 +284,12 @@ class Tokenizer(ABC):
 
     @abstractmethod
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        """Text of ``ids``; special tokens are written out unless ``skip_special_tokens``."""
+        """Text of ``ids``; special tokens are written out unless ``skip_special_tokens``.
+
+        Ids past the vocabulary (``>= vocab_size``, no entry) are skipped, as Hugging Face fast tokenizers do:
+        a model's embedding may have more rows than the tokenizer has tokens (Qwen2.5: 152064 vs 151665), so
+        generation can produce them. A negative id (e.g. a -100 label) is no token id and raises ValueError
+        (HF raises OverflowError there); see :func:`decode_ids`."""
 
     @abstractmethod
     def token_to_id(self, token: str) -> int | None:
@@ -369,6 +374,19 @@ class Tokenizer(ABC):
         mml = files.setting("model_max_length")
         self.model_max_length = mml if isinstance(mml, int) and not isinstance(mml, bool) and mml < 10**12 else None
         self.chat_template = files.chat_template
+
+
+U32_LIMIT = 2 ** 32  # token ids are u32 in Hugging Face `tokenizers`
+
+
+def decode_ids(ids: Iterable[int], name_or_path: str) -> list[int]:
+    """``ids`` as a list of ints for ``decode``; ValueError for an id that is no token id at all (negative, or
+    beyond u32, where HF's fast tokenizers raise OverflowError). Ids past the vocabulary pass: backends skip them."""
+    ids = [int(i) for i in ids]
+    if ids and (min(ids) < 0 or max(ids) >= U32_LIMIT):
+        bad = next(i for i in ids if i < 0 or i >= U32_LIMIT)
+        raise ValueError(f"decode: {bad} is not a token id (ids are non-negative; {name_or_path})")
+    return ids
 
 
 def bool_setting(files: TokenizerFiles, key: str, default: bool | None) -> bool | None:

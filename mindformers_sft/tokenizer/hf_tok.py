@@ -22,7 +22,7 @@ from tokenizers.models import BPE
 
 from mindformers_sft.errors import ConfigError
 from mindformers_sft.tokenizer.base import (
-    ADDED_TOKENS, TOKENIZER_CONFIG, Tokenizer, TokenizerFiles, bool_setting, clean_up_tokenization,
+    ADDED_TOKENS, TOKENIZER_CONFIG, Tokenizer, TokenizerFiles, bool_setting, clean_up_tokenization, decode_ids,
     read_json_object)
 
 # transformers.convert_slow_tokenizer.Qwen2Converter
@@ -243,13 +243,10 @@ class HFTokenizer(Tokenizer):
         return [e.ids for e in batch(texts, add_special_tokens=add_special_tokens)]
 
     # -- decoding --------------------------------------------------------------------------------------------------
+    # `tokenizers` itself skips ids past the vocabulary (exactly what transformers' fast tokenizers return);
+    # negative ids raise ValueError in decode_ids.
     def _check_ids(self, ids: Iterable[int]) -> list[int]:
-        ids = [int(i) for i in ids]
-        if ids and (min(ids) < 0 or max(ids) >= self._vocab_size):
-            bad = next(i for i in ids if i < 0 or i >= self._vocab_size)
-            raise ValueError(f"token id {bad} is outside the vocabulary of {self.name_or_path} "
-                             f"({self._vocab_size} ids)")
-        return ids
+        return decode_ids(ids, self.name_or_path)
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         text = self._tok.decode(self._check_ids(ids), skip_special_tokens=skip_special_tokens)

@@ -12,7 +12,8 @@ tokenizer_config.json is not honoured (it only changes the ids of text right aft
 
 ``decode`` writes special tokens as their text and SentencePiece-decodes the runs between them, so
 ``decode(encode(text)) == text`` for legacy encodings; unlike HF's slow LlamaTokenizer it inserts no space after a
-special token ("<s>Hello", not "<s> Hello").
+special token ("<s>Hello", not "<s> Hello"). Ids past the vocabulary are skipped (as HF's LlamaTokenizerFast does;
+the slow LlamaTokenizer raises).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import sentencepiece as spm
 
 from mindformers_sft.errors import ConfigError
 from mindformers_sft.tokenizer.base import (
-    AddedTokenSpec, Tokenizer, TokenizerFiles, bool_setting, clean_up_tokenization, special_split_pattern)
+    AddedTokenSpec, Tokenizer, TokenizerFiles, bool_setting, clean_up_tokenization, decode_ids,
+    special_split_pattern)
 
 
 def load_sentencepiece(model_file: Path) -> tuple[spm.SentencePieceProcessor, bytes]:
@@ -249,11 +251,11 @@ class SentencePieceTokenizer(Tokenizer):
 
     # -- decoding --------------------------------------------------------------------------------------------------
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        ids = [int(i) for i in ids]
-        bad = [i for i in ids if not (0 <= i < self._piece_size) and i not in self._added_rev]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary of {self.name_or_path} "
-                             f"({self.vocab_size} ids)")
+        ids = decode_ids(ids, self.name_or_path)
+        # ids with no vocabulary entry (past the vocabulary) are skipped, as by HF's LlamaTokenizerFast
+        # (the slow LlamaTokenizer raises IndexError from SentencePiece)
+        if ids and max(ids) >= self._piece_size:
+            ids = [i for i in ids if i < self._piece_size or i in self._added_rev]
         if self._marked_ids.isdisjoint(ids):
             text = self._sp.decode(ids)
         else:

@@ -258,11 +258,75 @@ def test_pickle_round_trip(name, request):
                                                                           tok.vocab_size)
 
 
-def test_decode_out_of_range(llama, qwen):
-    with pytest.raises(ValueError, match="32000"):
-        llama.decode([1, 32000])
-    with pytest.raises(ValueError, match="151646"):
-        qwen.decode([151646])
+# -- ids past the vocabulary (a model's embedding may be padded: Qwen2.5 has 152064 rows for 151665 tokens) ---------
+
+OOV_TEXTS = ["Hello world", "<|im_start|>user\n你好<|im_end|>\n", "Hello</s> world<s>", "数字 12345 🚀👍🏽 ∑∫", ""]
+
+
+def with_out_of_range(ids: list[int], vocab: int) -> list[int]:
+    """``ids`` with ids past the vocabulary at the start, in the middle (inside a multi-byte character's byte
+    tokens, when there are any) and at the end."""
+    mid = len(ids) // 2
+    return [vocab, vocab + 417] + ids[:mid] + [vocab + 1] + ids[mid:] + [max(152063, vocab + 2), 2**31]
+
+
+@pytest.mark.parametrize("kind", ["qwen2_dir", "qwen2_vocab_merges", "stories_tokenizer_json"])
+def test_decode_past_vocabulary_matches_transformers(kind, qwen, stories, qwen_bare_dir):
+    """`tokenizers`-backed kinds: decode of in- and out-of-range ids equals transformers' fast decode (which skips
+    the ids past the vocabulary), single and batched, with and without skip_special_tokens."""
+    from transformers import AutoTokenizer, Qwen2TokenizerFast
+
+    if kind == "qwen2_dir":
+        ours, hf = qwen, AutoTokenizer.from_pretrained(str(QWEN_DIR))
+    elif kind == "qwen2_vocab_merges":
+        ours = load_tokenizer(qwen_bare_dir)
+        hf = Qwen2TokenizerFast(vocab_file=str(QWEN_DIR / "vocab.json"), merges_file=str(QWEN_DIR / "merges.txt"))
+    else:
+        ours, hf = stories, AutoTokenizer.from_pretrained(str(STORIES_DIR))
+    assert isinstance(ours, HFTokenizer) and ours.vocab_size == len(hf)
+    batch = []
+    for text in OOV_TEXTS:
+        ids = with_out_of_range(hf.encode(text, add_special_tokens=True), len(hf))
+        assert max(ids) >= len(hf)
+        batch.append(ids)
+        for skip in (False, True):
+            want = hf.decode(ids, skip_special_tokens=skip)
+            assert want == hf.decode([i for i in ids if i < len(hf)], skip_special_tokens=skip)  # HF skips them
+            assert ours.decode(ids, skip_special_tokens=skip) == want, (kind, text, skip)
+    for skip in (False, True):
+        assert ours.decode_batch(batch, skip_special_tokens=skip) == hf.batch_decode(batch,
+                                                                                      skip_special_tokens=skip)
+    assert ours.decode([len(hf), len(hf) + 1]) == hf.decode([len(hf), len(hf) + 1]) == ""
+    # a negative id is no token id: transformers raises (OverflowError), we raise ValueError
+    with pytest.raises(OverflowError):
+        hf.decode([1, -100])
+    with pytest.raises(ValueError, match="-100"):
+        ours.decode([1, -100])
+
+
+def test_sentencepiece_decode_past_vocabulary(llama):
+    """tokenizer.model: ids past the vocabulary are skipped, as transformers' LlamaTokenizerFast does (the slow
+    LlamaTokenizer raises IndexError from SentencePiece). The two decode in-range ids differently (legacy spaces),
+    so the comparison is: each one's decode with the extra ids equals its own decode without them."""
+    from transformers import LlamaTokenizerFast
+
+    hf = LlamaTokenizerFast(vocab_file=str(LLAMA_MODEL), legacy=True, from_slow=True)
+    assert llama.vocab_size == len(hf) == 32000
+    for text in OOV_TEXTS + ["a<unk>b"]:
+        for tok, encode in ((llama, llama.encode), (hf, hf.encode)):
+            ids = encode(text, add_special_tokens=True)
+            oov = with_out_of_range(ids, 32000)
+            for skip in (False, True):
+                assert tok.decode(oov, skip_special_tokens=skip) == tok.decode(ids, skip_special_tokens=skip), \
+                    (type(tok).__name__, text, skip)
+    byte_pieces = llama.encode("🚀")
+    assert len(byte_pieces) > 2  # byte-fallback pieces: an id past the vocabulary between them is skipped too
+    assert llama.decode(byte_pieces[:2] + [32000] + byte_pieces[2:]) == llama.decode(byte_pieces) == "🚀"
+    assert llama.decode([32000, 99999]) == hf.decode([32000, 99999]) == ""
+    with pytest.raises(OverflowError):
+        hf.decode([1, -1])
+    with pytest.raises(ValueError, match="-1"):
+        llama.decode([1, -1])
 
 
 def test_load_from_mindformers_config(tmp_path):
