@@ -108,6 +108,18 @@ def slice_of(array, tmap, rank_in_stage: int, dp: int, mp: int):
     return array[tuple(index)]
 
 
+def _stage_doc(items: dict, stage: int, dp: int, mp: int) -> dict:
+    """One pipeline stage's layouts in MindSpore's JSON strategy-file format."""
+    return {
+        "current_stage": stage,
+        "parallel_strategy_item": {f"stage{stage}": {"stage": stage, "parallel_strategys": []}},
+        "parallel_layout_item": {
+            name: {"dev_matrix": [dp, mp], "tensor_map": tmap, "param_split_shape": [], "indices_offset": [],
+                   "field": 0, "opt_weight_shard_step": 0, "opt_weight_shard_size": 0}
+            for name, (tmap, _) in sorted(items.items())},
+    }
+
+
 def write_strategy(shapes: dict, mc, pc, directory: str) -> str:
     """MindSpore JSON strategy files of `shapes` under `pc` in `directory`; returns the file to give MindSpore's
     checkpoint transforms (the single stage's file, or all stages merged with `merge_pipeline_strategys`)."""
@@ -117,16 +129,8 @@ def write_strategy(shapes: dict, mc, pc, directory: str) -> str:
     os.makedirs(stage_dir, exist_ok=True)
     files = []
     for stage, items in per_stage.items():
-        doc = {
-            "current_stage": stage,
-            "parallel_strategy_item": {f"stage{stage}": {"stage": stage, "parallel_strategys": []}},
-            "parallel_layout_item": {
-                name: {"dev_matrix": [dp, mp], "tensor_map": tmap, "param_split_shape": [],
-                       "indices_offset": [], "field": 0, "opt_weight_shard_step": 0, "opt_weight_shard_size": 0}
-                for name, (tmap, _) in sorted(items.items())},
-        }
         path = os.path.join(stage_dir, f"ckpt_strategy_stage{stage}.json")
-        _write_json(path, doc)
+        _write_json(path, _stage_doc(items, stage, dp, mp))
         files.append(path)
     if pp == 1:
         return files[0]
@@ -136,7 +140,16 @@ def write_strategy(shapes: dict, mc, pc, directory: str) -> str:
     return merged
 
 
+def write_rank_strategy(shapes: dict, mc, pc, path: str, rank: int):
+    """The strategy file of one rank (its stage's layouts), as MindSpore writes per rank at compile."""
+    dp, mp, _ = dims(pc)
+    stage = rank // (dp * mp)
+    _write_json(path, _stage_doc(layouts(shapes, mc, pc)[stage], stage, dp, mp))
+    return path
+
+
 def _write_json(path, doc):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(doc, f, indent=1)

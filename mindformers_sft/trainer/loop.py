@@ -61,6 +61,14 @@ def trainable_arrays(model, optimizer, full: bool) -> dict:
     return out
 
 
+def trainable_arrays_shapes(model, optimizer, full: bool) -> dict:
+    """name -> shape of what `trainable_arrays` saves, without copying any data."""
+    params = model.get_parameters() if full else optimizer.params
+    shapes = {p.name: tuple(p.shape) for p in params}
+    shapes.update(optimizer.state_shapes())
+    return shapes
+
+
 def train(cfg, model, train_ds, eval_ds=None, rank: RankInfo = RankInfo(), stream=None) -> TrainResult:
     rc, out_dir = cfg.runner_config, cfg.output_dir
     os.makedirs(out_dir, exist_ok=True)
@@ -139,6 +147,14 @@ def train(cfg, model, train_ds, eval_ds=None, rank: RankInfo = RankInfo(), strea
         result.last_checkpoint = path
         return path
 
+    if cfg.use_parallel and mp * pp == 1:
+        # data parallel: MindSpore writes no strategy file (it does at a semi-auto compile, Ascend); record the
+        # (replicated) layout of this rank's checkpoint beside it, as MindFormers' OUTPUT/strategy/ holds them
+        from ..parallel.layout import write_rank_strategy
+        names = trainable_arrays_shapes(model, opt, full)
+        write_rank_strategy(names, model.config, layout, os.path.join(out_dir, "strategy",
+                                                                      f"ckpt_strategy_rank_{rank.rank}.json"),
+                            rank.rank)
     model.set_train(True)
     # which samples this rank trained on, step by step (appended across resumes)
     order_log = open(os.path.join(out_dir, f"data_order_rank_{rank.rank}.jsonl"), "a", encoding="utf-8")

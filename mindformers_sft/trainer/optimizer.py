@@ -158,6 +158,14 @@ class AdamW(nn.Cell):
         out["global_step"] = np.array(int(self.global_step.asnumpy()), np.int32)
         return out
 
+    def state_shapes(self) -> dict:
+        """name -> shape of `state_arrays`, without reading any data."""
+        out = {}
+        for names in self._moment_names():
+            out.update({n: tuple(p.shape) for n, p in zip(names, self.params)})
+        out["global_step"] = ()
+        return out
+
     def load_state_arrays(self, arrays: dict, source: str = ""):
         from ..errors import CheckpointError
 

@@ -77,3 +77,10 @@ def test_two_worker_data_parallel_equals_single_process(tmp_path):
     merged = str(tmp_path / "merged.safetensors")
     assert merge_main(["--src_dir", dp, "--output_path", merged]) == 0
     _close(load_tensors(merged), ref)
+    # each rank's strategy file sits in OUTPUT/strategy/; MindSpore's transform merges by it just the same
+    assert sorted(os.listdir(os.path.join(dp, "strategy"))) == ["ckpt_strategy_rank_0.json",
+                                                               "ckpt_strategy_rank_1.json"]
+    by_strategy = str(tmp_path / "by_strategy.ckpt")
+    assert merge_main(["--src_dir", dp, "--strategy_dir", os.path.join(dp, "strategy"), "--output_path",
+                       by_strategy]) == 0
+    _close(load_tensors(by_strategy), ref)
