@@ -88,13 +88,14 @@ class Linear(nn.Cell):
         self.bias = (Parameter(initializer("zeros", (out_features,), param_dtype), name="bias")
                      if has_bias else None)
         self.matmul = ops.MatMul(transpose_b=True)
+        self.bias_add = ops.Add()       # primitives held as attributes can be given shard strategies
 
     def construct(self, x):
         shape = x.shape
         y = self.matmul(ops.reshape(_cast(x, self.compute_dtype), (-1, self.in_features)),
                         _cast(self.weight, self.compute_dtype))
         if self.has_bias:
-            y = y + _cast(self.bias, self.compute_dtype)
+            y = self.bias_add(y, _cast(self.bias, self.compute_dtype))
         return ops.reshape(y, shape[:-1] + (self.out_features,))
 
 
@@ -106,11 +107,12 @@ class Embedding(nn.Cell):
         self.cast_first = (not fused) and param_dtype == ms.bfloat16
         self.embedding_weight = Parameter(initializer(Normal(init_std), (vocab_size, hidden_size), param_dtype),
                                           name="embedding_weight")
+        self.gather = ops.Gather()
 
     def construct(self, input_ids):
         if self.cast_first:
-            return ops.gather(_cast(self.embedding_weight, self.compute_dtype), input_ids, 0)
-        return _cast(ops.gather(self.embedding_weight, input_ids, 0), self.compute_dtype)
+            return self.gather(_cast(self.embedding_weight, self.compute_dtype), input_ids, 0)
+        return _cast(self.gather(self.embedding_weight, input_ids, 0), self.compute_dtype)
 
 
 class RMSNorm(nn.Cell):

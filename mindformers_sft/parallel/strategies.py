@@ -15,6 +15,8 @@ The projections are `ops.MatMul(transpose_b=True)` on a flattened input x (B*S, 
   lm_head                                        ((dp, 1), (mp, 1)); ((dp, 1), (1, 1)) when vocab_emb_dp, as
                                                  MindFormers' LlamaForCausalLM
   cross entropy on logits (B*S, V)               ((dp, mp),): vocab-parallel softmax/one-hot (mp -> 1 if V % mp)
+  LoRA x @ lora_a^T, h @ lora_b^T                column layer ((dp, 1), (1, 1)), ((dp, 1), (mp, 1));
+                                                 row layer ((dp, mp), (1, mp)), ((dp, 1), (1, 1))
 
 These are the strategies of MindFormers' LLamaAttention / LlamaFeedForward / LlamaEmbedding / LlamaForCausalLM
 (with context_parallel 1). Only `apply_strategies` touches MindSpore, and it only runs under (semi-)auto parallel
@@ -28,13 +30,17 @@ COLUMN, ROW = "column", "row"
 
 # name -> (MindSpore primitive, pattern, where it lives in models/llama.py (None: not reachable as a primitive))
 OPS = {
-    "embedding": ("Gather", "vocab", None),
+    "embedding": ("Gather", "vocab", "tok_embeddings.gather"),
     "attention.wq": ("MatMul(transpose_b=True)", COLUMN, "attention.wq.matmul"),
     "attention.wk": ("MatMul(transpose_b=True)", COLUMN, "attention.wk.matmul"),
     "attention.wv": ("MatMul(transpose_b=True)", COLUMN, "attention.wv.matmul"),
-    "attention.wq.bias": ("Add", "bias", None),
-    "attention.wk.bias": ("Add", "bias", None),
-    "attention.wv.bias": ("Add", "bias", None),
+    "attention.wq.bias": ("Add", "bias", "attention.wq.bias_add"),
+    "attention.wk.bias": ("Add", "bias", "attention.wk.bias_add"),
+    "attention.wv.bias": ("Add", "bias", "attention.wv.bias_add"),
+    "lora_a.column": ("MatMul(transpose_b=True)", "lora", "<column layer>.matmul_a"),
+    "lora_b.column": ("MatMul(transpose_b=True)", "lora", "<column layer>.matmul_b"),
+    "lora_a.row": ("MatMul(transpose_b=True)", "lora", "<row layer>.matmul_a"),
+    "lora_b.row": ("MatMul(transpose_b=True)", "lora", "<row layer>.matmul_b"),
     "attention.scores": ("BatchMatMul(transpose_b=True)", "heads", "kernels._BMM_TB"),
     "attention.context": ("BatchMatMul", "heads", "kernels._BMM"),
     "attention.wo": ("MatMul(transpose_b=True)", ROW, "attention.wo.matmul"),
@@ -87,6 +93,10 @@ def layer_strategies(mc, pc) -> dict:
         "feed_forward.w2": row,
         "lm_head": ((dp, 1), (mp, 1)) if vp else ((dp, 1), (1, 1)),
         "loss": ((dp, mp if mc.vocab_size % mp == 0 else 1),),
+        # LoRA (MindFormers / mindpet): on a column layer lora_a is replicated and lora_b split like the weight;
+        # on a row layer lora_a is split on `in` (partial sums all-reduced) and lora_b replicated
+        "lora_a.column": ((dp, 1), (1, 1)), "lora_b.column": ((dp, 1), (mp, 1)),
+        "lora_a.row": ((dp, mp), (1, mp)), "lora_b.row": ((dp, 1), (1, 1)),
     }
     if mc.qkv_has_bias:
         for n in ("attention.wq.bias", "attention.wk.bias", "attention.wv.bias"):
@@ -192,13 +202,17 @@ def apply_strategies(model, pc, force: bool = False) -> dict:
         for name in LINEARS:
             group, attr = name.split(".")
             cell = getattr(getattr(layer, group), attr)
-            shard(base(cell).matmul, f"model.layers.{i}.{name}.matmul", name)
-            if cell is not base(cell):
-                missing[f"model.layers.{i}.{name} (LoRA)"] = (
-                    "LoraLinear uses one MatMul for lora_a and lora_b; MindFormers shards them differently "
-                    "(column: a ((dp,1),(1,1)), b ((dp,1),(mp,1)); row: a ((dp,mp),(1,mp)), b ((dp,1),(1,1)))")
+            path = f"model.layers.{i}.{name}"
+            shard(base(cell).matmul, f"{path}.matmul", name)
+            if name + ".bias" in strat:
+                shard(base(cell).bias_add, f"{path}.bias_add", name + ".bias")
+            if cell is not base(cell):          # LoRA
+                kind = "row" if name in ("attention.wo", "feed_forward.w2") else "column"
+                shard(cell.matmul_a, f"{path}.matmul_a", f"lora_a.{kind}")
+                shard(cell.matmul_b, f"{path}.matmul_b", f"lora_b.{kind}")
         if pp > 1:
             layer.pipeline_stage = stages[i]
+    shard(model.model.tok_embeddings.gather, "model.tok_embeddings.gather", "embedding")
     if not mc.tie_word_embeddings:
         shard(model.lm_head.matmul, "lm_head.matmul", "lm_head")
     else:
@@ -211,9 +225,6 @@ def apply_strategies(model, pc, force: bool = False) -> dict:
     if not force:          # module-level primitives shared by every layer (same strategy for all of them)
         shard(kernels._BMM_TB, "kernels._BMM_TB", "attention.scores")
         shard(kernels._BMM, "kernels._BMM", "attention.context")
-    missing["embedding"] = "Embedding calls ops.gather; needs a `self.gather = ops.Gather()` attribute"
-    if mc.qkv_has_bias:
-        missing["attention.w{q,k,v}.bias"] = "Linear adds the bias with `+`; needs a `self.bias_add = ops.Add()`"
     missing["attention (Ascend)"] = ("kernels.attention calls ops.flash_attention_score on Ascend; needs a "
                                      "FlashAttentionScore primitive per layer, sharded ((dp, mp, 1, 1), ...)")
     missing["loss"] = "loss_sum_and_count uses functional ops; needs primitives to shard ((dp, mp),) on logits"

@@ -33,15 +33,16 @@ class LoraLinear(nn.Cell):
                                 name=f"{full_name}.lora_a")
         self.lora_b = Parameter(initializer("zeros", (base.out_features, rank), pd), name=f"{full_name}.lora_b")
         self.dropout = nn.Dropout(p=dropout) if dropout > 0 else None
-        self.matmul = ops.MatMul(transpose_b=True)
+        self.matmul_a = ops.MatMul(transpose_b=True)   # two primitives: sharded differently under mp
+        self.matmul_b = ops.MatMul(transpose_b=True)
 
     def construct(self, x):
         y = self.base(x)
         shape = x.shape
         h = x if self.dropout is None else self.dropout(x)
         h = ops.reshape(ops.cast(h, self.base.compute_dtype), (-1, self.base.in_features))
-        h = self.matmul(h, ops.cast(self.lora_a, self.base.compute_dtype))
-        h = self.matmul(h, ops.cast(self.lora_b, self.base.compute_dtype)) * self.scaling
+        h = self.matmul_a(h, ops.cast(self.lora_a, self.base.compute_dtype))
+        h = self.matmul_b(h, ops.cast(self.lora_b, self.base.compute_dtype)) * self.scaling
         return y + ops.reshape(h, shape[:-1] + (self.base.out_features,))
 
     def merged_weight(self) -> np.ndarray:

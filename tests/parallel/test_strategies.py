@@ -46,6 +46,9 @@ def shapes(mc, global_batch, seq):
         "feed_forward.w2": [(B * S, inter), (H, inter)],
         "lm_head": [x, (V, H)],
         "loss": [(B * S, V)],
+        # LoRA of rank 8 on a column layer (wq: in H, out H) and a row layer (w2: in inter, out H)
+        "lora_a.column": [x, (8, H)], "lora_b.column": [(B * S, 8), (H, 8)],
+        "lora_a.row": [(B * S, inter), (8, inter)], "lora_b.row": [(B * S, 8), (H, 8)],
     }
     if mc.qkv_has_bias:
         out.update({"attention.wq.bias": [(B * S, H), (H,)], "attention.wk.bias": [(B * S, KV), (KV,)],
@@ -117,6 +120,9 @@ def test_strategies_fit_the_real_shapes(path, mp, vocab_emb_dp):
     assert st["loss"] == ((dp, mp),)                           # vocab-parallel cross entropy
     if mc.qkv_has_bias:
         assert st["attention.wk.bias"] == ((dp, mp), (mp,))
+    # LoRA: column layer -> lora_b split like the weight's rows; row layer -> lora_a split like its columns
+    assert st["lora_a.column"] == ((dp, 1), (1, 1)) and st["lora_b.column"] == col
+    assert st["lora_a.row"] == row and st["lora_b.row"] == ((dp, 1), (1, 1))
 
 
 def test_sequence_parallel_reduce_scatters_row_parallel_outputs():
@@ -154,7 +160,7 @@ def test_apply_strategies_reaches_the_model_ops():
     mc = LlamaConfig(vocab_size=64, hidden_size=32, num_layers=4, num_heads=4, n_kv_heads=2, intermediate_size=48,
                      qkv_has_bias=True, model_type="qwen2")
     model = LlamaForCausalLM(mc)
-    apply_lora(model, {"pet_type": "lora", "lora_rank": 2, "target_modules": ".*wq"})
+    apply_lora(model, {"pet_type": "lora", "lora_rank": 2, "target_modules": ".*wq|.*w2"})
     pc = {"data_parallel": 2, "model_parallel": 2, "pipeline_stage": 2, "micro_batch_num": 2,
           "vocab_emb_dp": False}
     # not under semi-auto parallel: nothing is touched
@@ -164,15 +170,24 @@ def test_apply_strategies_reaches_the_model_ops():
     layer = model.model.layers[3]
     assert layer.attention.wq.base.matmul.in_strategy == st["attention.wq"]
     assert layer.attention.wo.matmul.in_strategy == st["attention.wo"] == ((2, 2), (1, 2))
-    assert layer.feed_forward.w2.matmul.in_strategy == st["feed_forward.w2"]
+    assert layer.feed_forward.w2.base.matmul.in_strategy == st["feed_forward.w2"]
     assert model.lm_head.matmul.in_strategy == ((2, 1), (2, 1))
-    assert len(res["applied"]) == 4 * 7 + 1
+    assert layer.attention.wq.base.bias_add.in_strategy == ((2, 2), (2,))
+    assert layer.attention.wq.matmul_a.in_strategy == ((2, 1), (1, 1))
+    assert layer.attention.wq.matmul_b.in_strategy == ((2, 1), (2, 1))
+    assert layer.feed_forward.w2.base.matmul.in_strategy == ((2, 2), (1, 2))
+    assert layer.feed_forward.w2.matmul_a.in_strategy == ((2, 2), (1, 2))
+    assert layer.feed_forward.w2.matmul_b.in_strategy == ((2, 1), (1, 1))
+    assert model.model.tok_embeddings.gather.in_strategy == ((2, 1), (2, 1))
+    # per layer: 7 matmuls, 3 bias adds, 2 LoRA layers x 2 matmuls; plus the embedding and the lm_head
+    assert len(res["applied"]) == 4 * (7 + 3 + 4) + 2
     assert [l.pipeline_stage for l in model.model.layers] == [0, 0, 1, 1]
     assert model.lm_head.pipeline_stage == 1 and model.model.tok_embeddings.pipeline_stage == 0
-    assert "embedding" in res["missing"] and any("LoRA" in k for k in res["missing"])
+    assert "embedding" not in res["missing"] and not any("LoRA" in k for k in res["missing"])
     # the weight shapes the strategies were checked against are the model's
     sh = shapes(mc, 2, 8)
     for name in ("attention.wk", "feed_forward.w2"):
         group, attr = name.split(".")
-        assert tuple(getattr(getattr(layer, group), attr).weight.shape) == sh[name][1]
+        cell = getattr(getattr(layer, group), attr)
+        assert tuple(getattr(cell, "base", cell).weight.shape) == sh[name][1]
     assert tuple(model.model.tok_embeddings.embedding_weight.shape) == sh["embedding"][0]
