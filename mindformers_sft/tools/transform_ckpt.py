@@ -66,11 +66,11 @@ def main(argv=None):
     a = ap.parse_args(argv)
     from ..checkpoint import transform
     warn = (lambda m: print(m, file=sys.stderr))
+    work = os.path.abspath(a.dst_checkpoint_dir) + ".work"
     try:
         if a.dst_strategy and a.config:
             raise SFTError("give either --dst_strategy or --config, not both")
         src, src_strategy = a.src_checkpoint, None
-        work = os.path.join(os.path.abspath(a.dst_checkpoint_dir) + ".work")
         if a.src_strategy or (os.path.isdir(src) and transform.is_sliced(src)):
             src_strategy = transform.find_strategy(a.src_strategy, src, work)
         dst_strategy = None
@@ -96,12 +96,13 @@ def main(argv=None):
             import shutil
             os.makedirs(os.path.join(a.dst_checkpoint_dir, "strategy"), exist_ok=True)
             shutil.copy(dst_strategy, os.path.join(a.dst_checkpoint_dir, "strategy", os.path.basename(dst_strategy)))
-        if os.path.isdir(work):
-            import shutil
-            shutil.rmtree(work)
     except SFTError as e:
         print(f"transform_ckpt: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        if os.path.isdir(work):
+            import shutil
+            shutil.rmtree(work)
     print(f"ranks={len(files)} dst_checkpoint_dir={a.dst_checkpoint_dir} "
           f"strategy={os.path.join(a.dst_checkpoint_dir, 'strategy') if dst_strategy else '(complete)'}")
     return 0
