@@ -250,7 +250,6 @@ def _eval(cfg, rank, log):
 
 def _predict(cfg, predict, log):
     from .generation import generate
-    from .tokenizer import load_tokenizer
     prompts = predict.get("predict_data")
     if not prompts:
         raise ConfigError("run_mode predict needs --predict_data \"your prompt\"")

@@ -11,13 +11,12 @@ Returns MindFormers-named numpy arrays split into base weights, adapters and opt
 from __future__ import annotations
 
 import glob
-import json
 import os
 
 from ..convert.names import hf_to_mf, is_ignored_hf
 from ..errors import CheckpointError
 from .io import checkpoint_files, iter_file, load_tensors
-from .training_state import META, CheckpointManager
+from .training_state import META, CheckpointManager, meta_entry
 
 OPT_PREFIXES = ("adam_m.", "adam_v.", "global_step")
 
@@ -77,7 +76,7 @@ def resolve(path: str, rank: int = 0, warn=print):
     if is_hf_dir(path):
         return "hf", path, None
     if os.path.isfile(path):
-        return "file", path, _meta_entry(path)
+        return "file", path, meta_entry(path) or None
     rdir = _training_rank_dir(path, rank)
     if rdir is None:
         raise CheckpointError(f"{path}: a directory with neither a Hugging Face model (config.json + *.safetensors) "
@@ -100,13 +99,3 @@ def read_weights(path: str, rank: int = 0, warn=print):
     if adapters and not base and (entry or {}).get("base_checkpoint"):
         base = read_weights(entry["base_checkpoint"], rank, warn)[0]
     return base, adapters, src
-
-
-def _meta_entry(path):
-    meta = os.path.join(os.path.dirname(os.path.abspath(path)), META)
-    if os.path.isfile(meta):
-        with open(meta, encoding="utf-8") as f:
-            for c in json.load(f).get("checkpoints", []):
-                if c["file"] == os.path.basename(path):
-                    return c
-    return None

@@ -53,6 +53,17 @@ def save_tensors_atomic(arrays: dict, path: str, fmt: str = "ckpt"):
         save_safetensors(arrays, path)
 
 
+def meta_entry(path: str) -> dict:
+    """The meta.json entry of checkpoint file `path` ({} when it has none)."""
+    meta = os.path.join(os.path.dirname(os.path.abspath(path)), META)
+    if os.path.isfile(meta):
+        with open(meta, encoding="utf-8") as f:
+            for c in json.load(f).get("checkpoints", []):
+                if c.get("file") == os.path.basename(path):
+                    return c
+    return {}
+
+
 def rank_dir(output_dir, rank):
     return os.path.join(output_dir, "checkpoint", f"rank_{rank}")
 

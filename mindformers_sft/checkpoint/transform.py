@@ -15,14 +15,13 @@ and writes atomically (a temporary directory renamed into place).
 from __future__ import annotations
 
 import glob
-import json
 import os
 import re
 import shutil
 import tempfile
 
 from ..errors import CheckpointError
-from .training_state import META, CheckpointManager
+from .training_state import META, CheckpointManager, meta_entry
 
 _RANK = re.compile(r"^rank_(\d+)$")
 STRATEGY_SUFFIXES = (".ckpt", ".json")
@@ -70,17 +69,6 @@ def rank_files(path: str, warn=print) -> dict:
     if missing:
         raise CheckpointError(f"{root}: rank directories {', '.join(f'rank_{r}' for r in missing)} are missing")
     return files
-
-
-def meta_entry(path: str) -> dict:
-    """The meta.json entry of checkpoint file `path` ({} when it has none)."""
-    meta = os.path.join(os.path.dirname(os.path.abspath(path)), META)
-    if os.path.isfile(meta):
-        with open(meta, encoding="utf-8") as f:
-            for c in json.load(f).get("checkpoints", []):
-                if c.get("file") == os.path.basename(path):
-                    return c
-    return {}
 
 
 def is_sliced(path: str, src_strategy: str = "") -> bool:

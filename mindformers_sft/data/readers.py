@@ -233,7 +233,7 @@ def read_json(path: str, chunk_chars: int = CHUNK_CHARS) -> Iterator[Item]:
                 if c == "{":                                 # a missing ',' only: keep the record
                     if array:
                         yield Location(path, index, w.line(pos)), RecordError(
-                            f"missing ',' before this record (the record itself is read)", warning=True)
+                            "missing ',' before this record (the record itself is read)", warning=True)
                     continue
                 yield Location(path, index, w.line(pos)), RecordError(
                     "expected " + ("',' or ']'" if array else "'{'") + f" after the previous record, found {c!r}")

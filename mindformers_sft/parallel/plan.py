@@ -309,7 +309,7 @@ def check_layout(mc, pc, world: int, recompute=None, log=print):
         rest = world // pp if world % pp == 0 else world
         good = [m for m in range(1, rest + 1) if rest % m == 0 and not _divisors_ok(mc, m, vocab_emb_dp)[1]]
         what = ", ".join(f"model_config.{n} {v}" for n, v in bad)
-        hint = (f"; or set parallel_config.vocab_emb_dp True to keep the embedding whole"
+        hint = ("; or set parallel_config.vocab_emb_dp True to keep the embedding whole"
                 if any(n == "vocab_size" for n, _ in bad) else "")
         best = max([m for m in good if m <= mp] or [1])
         raise ConfigError(f"parallel_config.model_parallel {mp} does not divide {what}: set model_parallel to one "

@@ -13,8 +13,7 @@ import math
 import re
 
 import numpy as np
-import mindspore as ms
-from mindspore import Parameter, Tensor, nn, ops
+from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import HeUniform, initializer
 
 from ..errors import ConfigError

@@ -6,14 +6,13 @@ import math
 import os
 from dataclasses import dataclass, field
 
-import numpy as np
 import mindspore as ms
 from mindspore import Tensor
 
 from ..checkpoint.loading import _training_rank_dir, split
 from ..checkpoint.training_state import CheckpointManager
 from ..data.sampler import BatchPlan, collate
-from ..errors import CheckpointError, TrainingError
+from ..errors import TrainingError
 from ..models import load_state_dict
 from ..parallel import RankInfo
 from ..parallel.strategies import dims
