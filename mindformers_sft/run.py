@@ -36,11 +36,6 @@ def setup_context(cfg):
     cfg.context.device_target = target
     ms.set_device(target)
     ms.set_context(mode=ms.PYNATIVE_MODE)   # mode 0 compiles the train step with mindspore.jit
-    pc = cfg.parallel_config
-    if cfg.use_parallel and (pc.model_parallel > 1 or pc.pipeline_stage > 1):
-        # semi-auto parallel (Ascend only) shards whole compiled graphs: MindSpore documents it for GRAPH_MODE.
-        # The same training code runs in GRAPH_MODE on CPU (checked by a test); not run here under semi-auto.
-        ms.set_context(mode=ms.GRAPH_MODE)
     if target == "CPU":
         ms.runtime.launch_blocking()        # PyNative on CPU: synchronous launch is ~10x faster here
     if cfg.context.max_call_depth:

@@ -12,6 +12,8 @@ class RankInfo:
     rank: int = 0
     world_size: int = 1
     dp_size: int = 1
+    dp_rank: int = 0            # which slice of each global batch this rank reads (context.dp_rank)
+    semi_auto: bool = False     # semi/auto parallel (Ascend): MindSpore inserts the gradient reductions itself
 
     @property
     def is_main(self):
@@ -24,6 +26,7 @@ def init_parallel(cfg) -> RankInfo:
         return RankInfo()
     import mindspore as ms
     from mindspore.communication import get_group_size, get_rank, init
+    from .context import dp_rank, parallel_context
     pc = cfg.parallel_config
     if "MS_WORKER_NUM" not in os.environ and "RANK_SIZE" not in os.environ:
         if cfg.run_mode == "plan":   # plan the layout as if launched on dp*mp*pp workers
@@ -31,17 +34,22 @@ def init_parallel(cfg) -> RankInfo:
             return RankInfo(rank=0, world_size=world, dp_size=pc.data_parallel)
         raise ConfigError("use_parallel is True but this process was not started by msrun; launch with "
                           "bash scripts/msrun_launcher.sh \"run_mindformer.py ...\" N, or pass --use_parallel False")
+    device = cfg.context.device_target
+    mp, pp = pc.model_parallel, pc.pipeline_stage
+    if device == "CPU" and (mp > 1 or pp > 1):      # before init(): refuse in seconds
+        parallel_context(cfg, mp * pp, 0, device)
     init()
     world, rank = get_group_size(), get_rank()
-    mp, pp = pc.model_parallel, pc.pipeline_stage
-    if cfg.context.device_target == "CPU" and (mp > 1 or pp > 1):
-        raise ConfigError(f"parallel_config: model_parallel {mp} / pipeline_stage {pp} need Ascend "
-                          "(semi-auto parallel); on CPU only data parallel runs: set both to 1")
+    ctx = parallel_context(cfg, world, rank, device)
+    for note in ctx.notes:
+        if rank == 0:
+            print(f"[parallel] {note}")
+    ms.set_auto_parallel_context(**ctx.kwargs)
+    if ctx.graph_mode:
+        # Ascend only (not run here): semi/auto parallel shards whole compiled graphs, documented for
+        # GRAPH_MODE; the trainer runs the same in GRAPH_MODE on CPU (tests/trainer/test_graph_mode.py)
+        os.makedirs(os.path.dirname(ctx.kwargs["strategy_ckpt_config"]["save_file"]), exist_ok=True)
+        ms.set_context(mode=ms.GRAPH_MODE)
     dp = world // (mp * pp)
-    mode = ms.ParallelMode.DATA_PARALLEL if mp == 1 and pp == 1 else ms.ParallelMode.SEMI_AUTO_PARALLEL
-    ms.set_auto_parallel_context(parallel_mode=mode, gradients_mean=False, device_num=world)
-    if mode == ms.ParallelMode.SEMI_AUTO_PARALLEL:   # Ascend only: where MindSpore writes this rank's layout
-        strategy = os.path.join(os.path.abspath(cfg.output_dir), "strategy", f"ckpt_strategy_rank_{rank}.ckpt")
-        os.makedirs(os.path.dirname(strategy), exist_ok=True)
-        ms.set_auto_parallel_context(strategy_ckpt_config={"save_file": strategy, "only_trainable_params": False})
-    return RankInfo(rank=rank, world_size=world, dp_size=dp)
+    return RankInfo(rank=rank, world_size=world, dp_size=dp, dp_rank=dp_rank(rank, dp, mp),
+                    semi_auto=ctx.graph_mode)

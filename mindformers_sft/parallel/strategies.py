@@ -198,7 +198,10 @@ def apply_strategies(model, pc, force: bool = False) -> dict:
         applied[path] = strat[name]
 
     stages = stage_of_layer(mc, pc)
+    from .context import comm_fusion_groups
+    fusion = comm_fusion_groups(mc.num_layers, _get(pc, "gradient_aggregation_group", 4))
     for i, layer in enumerate(model.model.layers):
+        layer.set_comm_fusion(fusion[i])        # gradient all-reduce fusion (gradient_aggregation_group)
         for name in LINEARS:
             group, attr = name.split(".")
             cell = getattr(getattr(layer, group), attr)

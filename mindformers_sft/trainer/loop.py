@@ -71,7 +71,7 @@ def trainable_arrays_shapes(model, optimizer, full: bool) -> dict:
 def train(cfg, model, train_ds, eval_ds=None, rank: RankInfo = RankInfo(), stream=None) -> TrainResult:
     rc, out_dir = cfg.runner_config, cfg.output_dir
     os.makedirs(out_dir, exist_ok=True)
-    plan = BatchPlan(len(train_ds), rc.batch_size, rc.gradient_accumulation_steps, rank.dp_size, rank.rank,
+    plan = BatchPlan(len(train_ds), rc.batch_size, rc.gradient_accumulation_steps, rank.dp_size, rank.dp_rank,
                      seed=cfg.seed, shuffle=cfg.train_dataset.data_loader.shuffle)
     total = plan.steps_per_epoch * rc.epochs
     if rc.max_steps and rc.max_steps > 0:
@@ -125,7 +125,10 @@ def train(cfg, model, train_ds, eval_ds=None, rank: RankInfo = RankInfo(), strea
     if scaler and entry and entry.get("loss_scale"):
         scaler.value = float(entry["loss_scale"])
     clip = cfg.runner_wrapper.max_grad_norm if cfg.runner_wrapper.use_clip_grad else None
-    runner = TrainStep(model, opt, clip, scaler, jit=(cfg.context.mode == 0), data_parallel=rank.dp_size > 1)
+    # data parallel: our reducer sums gradients and token counts over ranks; under semi-auto parallel MindSpore
+    # inserts those reductions into the compiled graph itself
+    runner = TrainStep(model, opt, clip, scaler, jit=(cfg.context.mode == 0) or rank.semi_auto,
+                       data_parallel=rank.dp_size > 1 and not rank.semi_auto)
     result = TrainResult(step=step)
     last_saved = step
     hf_config = model.config.to_hf_config()   # lets convert_weight.py --reversed find the architecture

@@ -182,6 +182,8 @@ def test_apply_strategies_reaches_the_model_ops():
     # per layer: 7 matmuls, 3 bias adds, 2 LoRA layers x 2 matmuls; plus the embedding and the lm_head
     assert len(res["applied"]) == 4 * (7 + 3 + 4) + 2
     assert [l.pipeline_stage for l in model.model.layers] == [0, 0, 1, 1]
+    # gradient_aggregation_group (default 4) over 4 layers: one all-reduce fusion group per layer
+    assert [l.attention.wq.lora_a.comm_fusion for l in model.model.layers] == [1, 2, 3, 4]   # trainable ones
     assert model.lm_head.pipeline_stage == 1 and model.model.tok_embeddings.pipeline_stage == 0
     assert "embedding" not in res["missing"] and not any("LoRA" in k for k in res["missing"])
     # the weight shapes the strategies were checked against are the model's
