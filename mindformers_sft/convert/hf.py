@@ -478,6 +478,11 @@ def _reversed(args, inp, outp) -> ConvertResult:
     """MindFormers -> HF. A training checkpoint directory resolves to its newest verified file; a LoRA
     checkpoint is merged into its base (and exported as a PEFT adapter with --peft_path)."""
     from ..checkpoint.loading import _training_rank_dir, resolve
+    from ..checkpoint.transform import is_sliced
+    if os.path.isdir(inp) and is_sliced(inp):
+        raise CheckpointError(f"{inp} holds model/pipeline-parallel slices (one rank's file is not the model): "
+                              "assemble them first with python -m mindformers_sft.tools.merge_ckpt --src_dir "
+                              f"{inp} --strategy_dir STRATEGY --output_path merged.ckpt, then convert merged.ckpt")
     entry = None
     if os.path.isdir(inp) and _training_rank_dir(inp, 0) is not None or os.path.isfile(inp):
         _, inp, entry = resolve(inp, warn=lambda m: print(m, file=sys.stderr))

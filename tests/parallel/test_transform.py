@@ -195,3 +195,23 @@ def test_errors_name_the_missing_piece(stories_sliced, tmp_path):
     with pytest.raises(ConfigError, match=r"feed_forward.w1.weight .* not divisible by 8"):
         layout.layouts({"model.layers.0.feed_forward.w1.weight": (172, 64)}, mc,
                        {"data_parallel": 1, "model_parallel": 8, "pipeline_stage": 1})
+
+
+def test_convert_reversed_refuses_slices_and_takes_the_merged_file(stories_sliced, tmp_path):
+    dst, full = stories_sliced
+    r = subprocess.run([sys.executable, "convert_weight.py", "--reversed", "--input_path", dst, "--output_path",
+                        str(tmp_path / "hf")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "model/pipeline-parallel slices" in r.stderr and "merge_ckpt" in r.stderr
+    merged = str(tmp_path / "merged.ckpt")
+    assert merge_ckpt.main(["--src_dir", dst, "--strategy_dir", os.path.join(dst, "strategy"),
+                            "--output_path", merged]) == 0
+    r = subprocess.run([sys.executable, "convert_weight.py", "--reversed", "--input_path", merged, "--output_path",
+                        str(tmp_path / "hf"), "--config", os.path.join(STORIES, "config.json")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    import safetensors.numpy
+    got = safetensors.numpy.load_file(str(tmp_path / "hf" / "model.safetensors"))
+    ref = safetensors.numpy.load_file(os.path.join(STORIES, "model.safetensors"))
+    assert set(got) == set(ref) - {"lm_head.weight"}     # tied to the embedding: not written (as transformers)
+    for k in got:
+        np.testing.assert_array_equal(got[k], ref[k].astype(got[k].dtype), err_msg=k)
