@@ -104,7 +104,9 @@ def resolve_mindrecord(spec) -> Tuple[object, List[str]]:
 def read_mindrecord(spec, columns: Optional[tuple] = None):
     """All rows as numpy arrays: dict column -> int32 array [N, len]; plus the files read.
 
-    Rows of one column must all have the same length (actual_seq_len rows are padded with their last value)."""
+    input_ids/labels rows are written straight into one preallocated array each (no per-row copies kept), so
+    the peak memory is the dataset itself. Rows of one column must all have the same length (actual_seq_len
+    rows are padded with their last value)."""
     from mindspore.mindrecord import FileReader
     arg, files = resolve_mindrecord(spec)
     try:
@@ -118,23 +120,35 @@ def read_mindrecord(spec, columns: Optional[tuple] = None):
             raise DataError(f"{files[0]}: MindRecord has no column {missing[0]!r} (columns: {', '.join(schema)}); "
                             "expected MindFormers' input_ids/labels schema")
         cols = [c for c in (columns or PACKED_COLUMNS) if c in schema]
-        data = {c: [] for c in cols}
+        n = reader.len()
+        fixed = {}                                          # column -> preallocated [n, width]
+        ragged = {c: [] for c in cols if c == "actual_seq_len"}
+        count = 0
         for row in reader.get_next():
             for c in cols:
-                data[c].append(np.asarray(row[c], dtype=np.int32).reshape(-1))
+                r = np.asarray(row[c], dtype=np.int32).reshape(-1)
+                if c in ragged:
+                    ragged[c].append(r)
+                    continue
+                if c not in fixed:
+                    fixed[c] = np.empty((n, len(r)), np.int32)
+                if len(r) != fixed[c].shape[1]:
+                    raise DataError(f"{files[0]}: column {c!r} has rows of different lengths "
+                                    f"{sorted({fixed[c].shape[1], len(r)})} (row {count}); expected every row to be "
+                                    "seq_length + 1 long")
+                fixed[c][count] = r
+            count += 1
     finally:
         reader.close()
-    out = {}
-    for c, rows in data.items():
+    out = {c: a[:count] for c, a in fixed.items()}
+    for c in cols:
+        if c not in out and c not in ragged:
+            out[c] = np.zeros((0, 0), np.int32)
+    for c, rows in ragged.items():
         if not rows:
             out[c] = np.zeros((0, 0), np.int32)
             continue
-        lens = {len(r) for r in rows}
-        if len(lens) > 1:
-            if c != "actual_seq_len":
-                raise DataError(f"{files[0]}: column {c!r} has rows of different lengths {sorted(lens)[:4]}; "
-                                "expected every row to be seq_length + 1 long")
-            width = max(lens)
-            rows = [np.concatenate([r, np.full(width - len(r), r[-1] if len(r) else 0, np.int32)]) for r in rows]
-        out[c] = np.stack(rows)
+        width = max(len(r) for r in rows)
+        out[c] = np.stack([np.concatenate([r, np.full(width - len(r), r[-1] if len(r) else 0, np.int32)])
+                           for r in rows])
     return out, files

@@ -193,3 +193,36 @@ def test_alpaca_converter_matches_mindformers_layout(tmp_path):
     # byte-identical to json.dump(new_data, f, ensure_ascii=False, indent=2), as MindFormers writes it
     assert out.read_text(encoding="utf-8") == json.dumps(expected, ensure_ascii=False, indent=2)
     assert alpaca_converter.main(["--data_path", ALPACA, "--output_path", str(out)]) == 1
+
+
+def _write_mindrecord(path, rows, schema):
+    from mindspore.mindrecord import FileWriter
+    w = FileWriter(str(path), shard_num=1, overwrite=True)
+    w.add_schema(schema, "test")
+    w.write_raw_data([{k: np.asarray(v, np.int32) for k, v in r.items()} for r in rows])
+    w.commit()
+
+
+def test_bad_mindrecords_name_the_file_and_what_is_wrong(tmp_path):
+    ids = {"type": "int32", "shape": [-1]}
+    ok = [{"input_ids": [1, 2, 3, 4], "labels": [-100, 2, 3, 4]}] * 3
+    good = tmp_path / "good.mindrecord"
+    _write_mindrecord(good, ok, {"input_ids": ids, "labels": ids})
+    ds = MindRecordDataset(str(good), seq_length=3)
+    assert len(ds) == 3 and ds.seq_length == 3
+    ragged = tmp_path / "ragged.mindrecord"
+    _write_mindrecord(ragged, ok[:2] + [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}],
+                      {"input_ids": ids, "labels": ids})
+    with pytest.raises(DataError, match=r"ragged.mindrecord: column 'input_ids' has rows of different lengths "
+                                        r"\[3, 4\] \(row 2\)"):
+        MindRecordDataset(str(ragged))
+    nolabels = tmp_path / "nolabels.mindrecord"
+    _write_mindrecord(nolabels, [{"input_ids": [1, 2]}], {"input_ids": ids})
+    with pytest.raises(DataError, match="nolabels.mindrecord: MindRecord has no column 'labels'"):
+        MindRecordDataset(str(nolabels))
+    with pytest.raises(ConfigError, match=r"rows hold 4 tokens, but seq_length is 8"):
+        MindRecordDataset(str(good), seq_length=8)
+    junk = tmp_path / "junk.mindrecord"
+    junk.write_bytes(b"not a mindrecord at all" * 10)
+    with pytest.raises(DataError, match="junk.mindrecord: cannot open as MindRecord"):
+        MindRecordDataset(str(junk))
