@@ -72,8 +72,8 @@ def rank_files(path: str, warn=print) -> dict:
 
 
 def is_sliced(path: str, src_strategy: str = "") -> bool:
-    """True when `path` is a distributed checkpoint of model/pipeline-parallel slices: its meta.json records a
-    model_parallel or pipeline_stage above 1, or (no layout recorded, e.g. MindFormers' own rank_N/ files) a
+    """True when `path` is a distributed checkpoint of parallel slices: its meta.json says so (`parallel.sliced`,
+    or a model_parallel / pipeline_stage above 1), or (no layout recorded, e.g. MindFormers' own rank_N/ files) a
     strategy file is given or lies beside it, or its first and last ranks hold tensors of different shapes."""
     root = checkpoint_root(path) if os.path.isdir(path) else None
     if not root or not _rank_dirs(root):
@@ -81,6 +81,8 @@ def is_sliced(path: str, src_strategy: str = "") -> bool:
     files = rank_files(root, warn=lambda *a: None)
     par = meta_entry(files[0]).get("parallel")
     if par:
+        if "sliced" in par:
+            return bool(par["sliced"])
         return int(par.get("model_parallel", 1)) * int(par.get("pipeline_stage", 1)) > 1
     if src_strategy or any(os.path.isdir(d) for d in _strategy_dirs(root)):
         return True

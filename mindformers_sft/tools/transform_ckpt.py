@@ -87,9 +87,11 @@ def main(argv=None):
             from ..config import load_config
             from ..parallel.strategies import dims
             dp, mp, pp = dims(load_config(a.config, a.options).parallel_config)
-            layout = {"data_parallel": dp, "model_parallel": mp, "pipeline_stage": pp}
+            layout = {"data_parallel": dp, "model_parallel": mp, "pipeline_stage": pp, "sliced": mp * pp > 1}
         elif not dst_strategy:
-            layout = {"data_parallel": 1, "model_parallel": 1, "pipeline_stage": 1}
+            layout = {"data_parallel": 1, "model_parallel": 1, "pipeline_stage": 1, "sliced": False}
+        else:
+            layout = {"sliced": True}
         for f in files.values():     # architecture, LoRA base and layout travel with the slices
             transform.write_meta(f, record, a.src_checkpoint, layout)
         if dst_strategy:

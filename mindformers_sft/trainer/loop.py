@@ -98,13 +98,15 @@ def train(cfg, model, train_ds, eval_ds=None, rank: RankInfo = RankInfo(), strea
 
     step, entry = 0, None
     _, mp, pp = dims(cfg.parallel_config) if cfg.use_parallel else (1, 1, 1)
-    layout = {"data_parallel": rank.dp_size, "model_parallel": mp, "pipeline_stage": pp}
+    # recorded in meta.json; `sliced`: under semi-auto parallel each rank saves its slices (model parallel and/or
+    # optimizer sharding), under data parallel a whole replica
+    layout = {"data_parallel": rank.dp_size, "model_parallel": mp, "pipeline_stage": pp, "sliced": rank.semi_auto}
     if cfg.resume_training:
         name = cfg.resume_training if isinstance(cfg.resume_training, str) else None
         entry, arrays = manager.latest(name, warn=monitor.message)
-        if entry and layout != {"data_parallel": layout["data_parallel"], "model_parallel": 1, "pipeline_stage": 1}:
-            # Ascend, semi-auto parallel: this rank's file holds slices; parameters are loaded whole before the
-            # compile slices them, so assemble all ranks' slices first (MindSpore's transform; not run on CPU)
+        if entry and rank.semi_auto:
+            # Ascend (not run here): parameters are loaded whole before the compile slices them, so assemble
+            # all ranks' slices first (MindSpore's transform, with the strategy files in OUTPUT/strategy)
             from ..checkpoint.transform import resume_arrays
             arrays = resume_arrays(out_dir, rank.rank, warn=monitor.message)
         if entry is None:
@@ -149,7 +151,7 @@ def train(cfg, model, train_ds, eval_ds=None, rank: RankInfo = RankInfo(), strea
         result.last_checkpoint = path
         return path
 
-    if cfg.use_parallel and mp * pp == 1:
+    if cfg.use_parallel and not rank.semi_auto:
         # data parallel: MindSpore writes no strategy file (it does at a semi-auto compile, Ascend); record the
         # (replicated) layout of this rank's checkpoint beside it, as MindFormers' OUTPUT/strategy/ holds them
         from ..parallel.layout import write_rank_strategy

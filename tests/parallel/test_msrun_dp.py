@@ -70,7 +70,7 @@ def test_two_worker_data_parallel_equals_single_process(tmp_path):
         assert os.path.isfile(os.path.join(dp, "transformed_checkpoint", f"rank_{rank}", "complete.ckpt"))
         with open(os.path.join(dp, "checkpoint", f"rank_{rank}", "meta.json")) as f:
             assert json.load(f)["checkpoints"][-1]["parallel"] == {"data_parallel": 2, "model_parallel": 1,
-                                                                   "pipeline_stage": 1}
+                                                                   "pipeline_stage": 1, "sliced": False}
     # rank 0 alone writes the shared outputs
     assert os.path.exists(os.path.join(dp, "loss_curve.png"))
     assert os.path.exists(os.path.join(dp, "train_rank_1.log"))

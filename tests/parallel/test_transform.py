@@ -90,7 +90,7 @@ def test_transform_ckpt_cuts_the_slices_of_the_parallel_config(stories_sliced):
     # stories260K: 5 layers over 2 stages -> [2, 3] (the remainder goes to the last stage, as MindFormers)
     check_slices(full, dst, dp=2, mp=2, pp=2, layer_stage=[0, 0, 1, 1, 1], tied=True, vocab_parallel=True)
     meta = json.load(open(os.path.join(dst, "rank_5", "meta.json")))["checkpoints"][0]
-    assert meta["parallel"] == {"data_parallel": 2, "model_parallel": 2, "pipeline_stage": 2}
+    assert meta["parallel"] == {"data_parallel": 2, "model_parallel": 2, "pipeline_stage": 2, "sliced": True}
     assert meta["hf_config"]["num_hidden_layers"] == 5
     assert transform.is_sliced(dst)
 
