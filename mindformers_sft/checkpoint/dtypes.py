@@ -90,38 +90,33 @@ def is_float(dtype) -> bool:
     return np.dtype(dtype) in FLOAT_DTYPES or np.dtype(dtype) == np.float64
 
 
+def _lookup(table, key, name, where, problem):
+    v = table.get(key)
+    if v is None:
+        raise CheckpointError(f"{where + ': ' if where else ''}tensor '{name}': {problem}")
+    return v
+
+
 def st_code(dtype, name: str = "", where: str = "") -> str:
     """safetensors header dtype code ('F32', 'BF16', ...) of a numpy dtype."""
-    code = _NP_TO_ST.get(np.dtype(dtype))
-    if code is None:
-        raise CheckpointError(f"{where + ': ' if where else ''}tensor '{name}': dtype {np.dtype(dtype)} "
-                              "cannot be stored in safetensors")
-    return code
+    return _lookup(_NP_TO_ST, np.dtype(dtype), name, where,
+                   f"dtype {np.dtype(dtype)} cannot be stored in safetensors")
 
 
 def from_st_code(code: str, name: str = "", where: str = "") -> np.dtype:
-    d = _ST_TO_NP.get(code)
-    if d is None:
-        raise CheckpointError(f"{where + ': ' if where else ''}tensor '{name}': safetensors dtype '{code}' is "
-                              f"not supported (expected one of {', '.join(_ST_TO_NP)})")
-    return d
+    return _lookup(_ST_TO_NP, code, name, where,
+                   f"safetensors dtype '{code}' is not supported (expected one of {', '.join(_ST_TO_NP)})")
 
 
 def ms_type(dtype, name: str = "", where: str = "") -> str:
     """MindSpore CKPT `tensor_type` string ('Float32', 'BFloat16', ...) of a numpy dtype."""
-    t = _NP_TO_MS.get(np.dtype(dtype))
-    if t is None:
-        raise CheckpointError(f"{where + ': ' if where else ''}tensor '{name}': dtype {np.dtype(dtype)} "
-                              "cannot be stored in a MindSpore checkpoint")
-    return t
+    return _lookup(_NP_TO_MS, np.dtype(dtype), name, where,
+                   f"dtype {np.dtype(dtype)} cannot be stored in a MindSpore checkpoint")
 
 
 def from_ms_type(tensor_type: str, name: str = "", where: str = "") -> np.dtype:
-    d = _MS_TO_NP.get(tensor_type)
-    if d is None:
-        raise CheckpointError(f"{where + ': ' if where else ''}tensor '{name}': MindSpore tensor_type "
-                              f"'{tensor_type}' is not supported (expected one of {', '.join(_MS_TO_NP)})")
-    return d
+    return _lookup(_MS_TO_NP, tensor_type, name, where,
+                   f"MindSpore tensor_type '{tensor_type}' is not supported (expected one of {', '.join(_MS_TO_NP)})")
 
 
 _CAST_CHUNK = 1 << 18   # elements per step: bounds the temporaries of a cast to a few MB
