@@ -29,7 +29,7 @@ def build_parser():
     p = argparse.ArgumentParser(prog="run_mindformer.py",
                                 description="Fine-tune, evaluate and run Llama/Qwen2 models (MindFormers-style).")
     p.add_argument("--config", help="YAML config (MindFormers sections)")
-    p.add_argument("--run_mode", choices=["train", "finetune", "eval", "predict", "plan"])
+    p.add_argument("--run_mode", choices=["train", "finetune", "eval", "predict", "chat", "plan"])
     p.add_argument("--use_parallel", type=str2bool, help="True under msrun (data parallel)")
     p.add_argument("--load_checkpoint", help="CKPT/safetensors file, a checkpoint dir (rank_N), or a HF directory")
     p.add_argument("--train_dataset_dir", "--train_dataset", dest="train_dataset_dir")

@@ -104,7 +104,7 @@ def build_model(cfg, rank=0, log=print):
         base, adapters, src = read_weights(cfg.load_checkpoint, rank, warn=log)
         load_state_dict(model, base, strict=True, source=src)
         log(f"[model] loaded {len(base)} tensors from {src}")
-    elif cfg.run_mode in ("finetune", "eval", "predict"):
+    elif cfg.run_mode in ("finetune", "eval", "predict", "chat"):
         raise ConfigError(f"run_mode {cfg.run_mode} needs load_checkpoint (pretrained weights); "
                           "use run_mode train to start from random weights")
     n = recompute_layers(cfg.recompute_config.recompute, conf.num_layers)
@@ -185,6 +185,8 @@ def run(cfg, predict: dict = None):
         return _train(cfg, rank, log)
     if cfg.run_mode == "eval":
         return _eval(cfg, rank, log)
+    if cfg.run_mode == "chat":
+        return _chat(cfg, predict or {}, log)
     return _predict(cfg, predict or {}, log)
 
 
@@ -243,30 +245,41 @@ def _eval(cfg, rank, log):
     return 0
 
 
-def _predict(cfg, predict, log):
-    from .generation import generate
-    prompts = predict.get("predict_data")
-    if not prompts:
-        raise ConfigError("run_mode predict needs --predict_data \"your prompt\"")
+def _generation(cfg, predict, log):
+    """Model, tokenizer, template and sampling settings shared by predict and chat."""
     model = build_model(cfg, 0, log)
     model.set_train(False)
     tok = check_tokenizer(cfg, model.config)
     mc = model.config
     template = _predict_template(cfg, predict.get("chat_template"), tok)
-    for text in prompts:
-        if template is None:
-            ids = tok.encode(text, add_special_tokens=True)
-        else:   # the prompt as a user turn in the template the model was fine-tuned with
-            from .data.formats import Conversation
-            rendered = template.render(Conversation(turns=[("user", text)]), add_generation_prompt=True)
-            ids = ([tok.bos_token_id] if template.prepend_bos(rendered) else []) + tok.encode(rendered)
-        out = generate(model, [ids], max_new_tokens=predict.get("max_new_tokens", mc.max_decode_length),
-                       do_sample=predict.get("do_sample", mc.do_sample),
-                       temperature=predict.get("temperature", mc.temperature),
-                       top_k=predict.get("top_k", mc.top_k), top_p=predict.get("top_p", mc.top_p),
-                       eos_token_id=mc.eos_token_ids, seed=cfg.seed)[0]
-        completion = tok.decode(out[len(ids):], skip_special_tokens=True)
+    gen = dict(max_new_tokens=predict.get("max_new_tokens", mc.max_decode_length),
+               do_sample=predict.get("do_sample", mc.do_sample), temperature=predict.get("temperature", mc.temperature),
+               top_k=predict.get("top_k", mc.top_k), top_p=predict.get("top_p", mc.top_p))
+    return model, tok, template, gen
+
+
+def _predict(cfg, predict, log):
+    from .generation.chat import prompt_ids, reply
+    prompts = predict.get("predict_data")
+    if not prompts:
+        raise ConfigError("run_mode predict needs --predict_data \"your prompt\"")
+    model, tok, template, gen = _generation(cfg, predict, log)
+    for text in prompts:   # each prompt as a user turn in the template the model was fine-tuned with
+        ids = prompt_ids(template, tok, [("user", text)])
+        completion, out = reply(model, tok, ids, gen, model.config.eos_token_ids, cfg.seed)
         print(json.dumps({"prompt": text, "completion": completion, "tokens": out}, ensure_ascii=False))
+    return 0
+
+
+def _chat(cfg, predict, log):
+    import sys
+    from .generation.chat import chat
+    model, tok, template, gen = _generation(cfg, predict, log)
+    log(f"[chat] template {template.name if template else 'none'}; one message per line, /reset forgets the "
+        "history, /exit or end of input stops")
+    max_context = int(model.config.seq_length or model.config.max_position_embedding or 2048)
+    chat(model, tok, template, gen, model.config.eos_token_ids, cfg.seed, sys.stdin,
+         lambda line: print(line, flush=True), max_context)
     return 0
 
 

@@ -196,7 +196,7 @@ def _fill(cfg: Config):
                           f"{', '.join(LR_SCHEDULES)}{_closest(lr.type, LR_SCHEDULES)}")
 
 
-RUN_MODES = ("train", "finetune", "eval", "predict", "plan")
+RUN_MODES = ("train", "finetune", "eval", "predict", "chat", "plan")
 OPTIMIZERS = ("AdamW", "AdamWeightDecay", "FP32StateAdamWeightDecay", "adamw")
 LR_SCHEDULES = ("CosineWithWarmUpLR", "LinearWithWarmUpLR", "ConstantWarmUpLR", "constant", "cosine", "linear",
                 "CosineWithRestartsAndWarmUpLR", "PolynomialWithWarmUpLR")
