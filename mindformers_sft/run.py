@@ -186,6 +186,8 @@ def run(cfg, predict: dict = None):
     if cfg.run_mode == "eval":
         return _eval(cfg, rank, log)
     if cfg.run_mode == "chat":
+        if rank.world_size > 1:
+            raise ConfigError("run_mode chat reads stdin in one process: run it with --use_parallel False")
         return _chat(cfg, predict or {}, log)
     return _predict(cfg, predict or {}, log)
 
