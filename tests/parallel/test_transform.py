@@ -215,3 +215,19 @@ def test_convert_reversed_refuses_slices_and_takes_the_merged_file(stories_slice
     assert set(got) == set(ref) - {"lm_head.weight"}     # tied to the embedding: not written (as transformers)
     for k in got:
         np.testing.assert_array_equal(got[k], ref[k].astype(got[k].dtype), err_msg=k)
+
+
+def test_tool_errors_are_one_line_and_name_the_input(stories_sliced, tmp_path, capsys):
+    dst, _ = stories_sliced
+    out = str(tmp_path / "x")
+    assert transform_ckpt.main(["--src_checkpoint", str(tmp_path / "missing"), "--dst_checkpoint_dir", out,
+                                "--config", CONFIG]) == 1
+    err = capsys.readouterr().err
+    assert "transform_ckpt: error:" in err and "missing" in err and "does not exist" in err
+    assert transform_ckpt.main(["--src_checkpoint", STORIES, "--dst_checkpoint_dir", out, "--config", CONFIG,
+                                "--dst_strategy", os.path.join(dst, "strategy")]) == 1
+    assert "either --dst_strategy or --config" in capsys.readouterr().err
+    assert not os.path.exists(out) and not os.path.exists(out + ".work")
+    assert merge_ckpt.main(["--src_dir", dst, "--strategy_dir", str(tmp_path / "nope"), "--output_path",
+                            str(tmp_path / "m.ckpt")]) == 1
+    assert "nope: strategy file or directory not found" in capsys.readouterr().err
