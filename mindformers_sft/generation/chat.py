@@ -51,6 +51,12 @@ def chat(model, tok, template, gen: dict, eos, seed, lines, write, max_context: 
         while len(ids) + gen["max_new_tokens"] > max_context and len(turns) > 1:
             turns = turns[2:]                       # forget the oldest user/assistant exchange
             ids = prompt_ids(template, tok, turns)
+        if len(ids) + gen["max_new_tokens"] > max_context:
+            turns = []
+            write(json.dumps({"user": text, "error": f"this message takes {len(ids)} tokens; with max_new_tokens "
+                              f"{gen['max_new_tokens']} it exceeds the context of {max_context} (seq_length): "
+                              "send a shorter one"}, ensure_ascii=False))
+            continue
         answer, _ = reply(model, tok, ids, gen, eos, seed)
         turns.append(("assistant", answer))
         n += 1

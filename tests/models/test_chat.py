@@ -60,6 +60,11 @@ def test_chat_history_matches_fastchat_and_replies_are_greedy_continuations():
     chat(model, tok, template, GEN, eos, 0, lines[:2], out.append, max_context=budget)
     second = json.loads(out[1])
     assert second["prompt_tokens"] == len(_fastchat_ids(hf_tok, [], lines[1]))
+    # a single message that cannot fit is refused (not truncated), and the chat goes on
+    out = []
+    assert chat(model, tok, template, GEN, eos, 0, ["word " * 200, "Hi there."], out.append, max_context=150) == 1
+    err, ok = json.loads(out[0]), json.loads(out[1])
+    assert "exceeds the context of 150" in err["error"] and ok["turn"] == 1 and ok["prompt_tokens"] == len(ids3)
 
 
 def test_chat_run_mode_reads_stdin():
