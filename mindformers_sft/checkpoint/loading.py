@@ -81,9 +81,7 @@ def resolve(path: str, rank: int = 0, warn=print):
     if rdir is None:
         raise CheckpointError(f"{path}: a directory with neither a Hugging Face model (config.json + *.safetensors) "
                               f"nor training checkpoints (rank_N/{META})")
-    manager = CheckpointManager.__new__(CheckpointManager)
-    manager.dir = rdir
-    entry = manager.latest_entry(warn=warn)
+    entry = CheckpointManager.for_dir(rdir).latest_entry(warn=warn)
     if entry is None:
         raise CheckpointError(f"{rdir}: no readable checkpoint listed in {META}")
     return "file", os.path.join(rdir, entry["file"]), entry

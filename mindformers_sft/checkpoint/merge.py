@@ -7,36 +7,24 @@ assembles them (see transform.py; exercised on CPU with slices cut by `tools.tra
 """
 from __future__ import annotations
 
-import glob
 import os
-import re
 
 import numpy as np
 
 from ..errors import CheckpointError
-from .io import save_ckpt, save_safetensors
+from .io import load_tensors, save_ckpt, save_safetensors
 from .loading import OPT_PREFIXES
 from .training_state import CheckpointManager
+from .transform import find_strategy, rank_dirs, to_complete
 
-
-
-def rank_dirs(src: str):
-    base = os.path.join(src, "checkpoint") if os.path.isdir(os.path.join(src, "checkpoint")) else src
-    dirs = sorted(glob.glob(os.path.join(base, "rank_*")), key=lambda d: int(re.sub(r"\D", "", os.path.basename(d))
-                                                                            or 0))
-    if not dirs:
-        raise CheckpointError(f"{src}: no rank_N checkpoint directories")
-    return dirs
 
 
 def merge_data_parallel(src: str, output_path: str, keep_optimizer=False, warn=print) -> dict:
     """One complete checkpoint from data-parallel replicas; returns {'step', 'ranks', 'tensors'}."""
     merged, step, first = None, None, None
-    dirs = rank_dirs(src)
+    dirs = list(rank_dirs(src).values())
     for d in dirs:
-        m = CheckpointManager.__new__(CheckpointManager)
-        m.dir = d
-        entry, arrays = m.latest(warn=warn)
+        entry, arrays = CheckpointManager.for_dir(d).latest(warn=warn)
         if entry is None:
             raise CheckpointError(f"{d}: no readable checkpoint")
         if step is None:
@@ -64,8 +52,6 @@ def merge_data_parallel(src: str, output_path: str, keep_optimizer=False, warn=p
 def merge_sliced(src: str, strategy: str, output_path: str, keep_optimizer=False, warn=print) -> dict:
     """Model/pipeline-parallel slices -> one complete checkpoint, assembled by MindSpore's transform with the
     strategy file (or directory of per-rank / per-stage files) that describes them."""
-    from .io import load_tensors
-    from .transform import find_strategy, to_complete
     if not os.path.exists(strategy):
         raise CheckpointError(f"{strategy}: strategy file or directory not found")
     out_dir = os.path.dirname(os.path.abspath(output_path))

@@ -73,6 +73,13 @@ class CheckpointManager:
         self.dir = rank_dir(output_dir, rank)
         self.rank, self.prefix, self.keep_max, self.fmt = rank, prefix, max(1, int(keep_max)), fmt
 
+    @classmethod
+    def for_dir(cls, directory):
+        """A manager reading an existing rank directory (any layout), e.g. OUTPUT/checkpoint/rank_3."""
+        m = cls.__new__(cls)
+        m.dir = directory
+        return m
+
     def _meta(self):
         p = os.path.join(self.dir, META)
         if not os.path.exists(p):

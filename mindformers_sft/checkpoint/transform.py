@@ -44,19 +44,23 @@ def _rank_dirs(path):
     return out
 
 
+def rank_dirs(path: str) -> dict:
+    """{rank: directory} of the rank_N/ under OUTPUT or OUTPUT/checkpoint, in rank order; CheckpointError if none."""
+    dirs = _rank_dirs(checkpoint_root(path))
+    if not dirs:
+        raise CheckpointError(f"{path}: no rank_N/ checkpoint directories")
+    return dict(sorted(dirs.items()))
+
+
 def rank_files(path: str, warn=print) -> dict:
     """{rank: checkpoint file} of a distributed checkpoint: per rank_N/, the newest verified file of meta.json,
     or (a directory written by MindFormers, without meta.json) its only / last CKPT file."""
     root = checkpoint_root(path)
-    dirs = _rank_dirs(root)
-    if not dirs:
-        raise CheckpointError(f"{path}: no rank_N/ checkpoint directories")
+    dirs = rank_dirs(path)
     files = {}
     for rank, d in sorted(dirs.items()):
         if os.path.isfile(os.path.join(d, META)):
-            m = CheckpointManager.__new__(CheckpointManager)
-            m.dir = d
-            entry = m.latest_entry(warn=warn)
+            entry = CheckpointManager.for_dir(d).latest_entry(warn=warn)
             if entry is None:
                 raise CheckpointError(f"{d}: no readable checkpoint listed in {META}")
             files[rank] = os.path.join(d, entry["file"])

@@ -47,7 +47,7 @@ def _record(src: str, warn) -> dict:
     if is_hf_dir(src):
         with open(os.path.join(src, "config.json"), encoding="utf-8") as f:
             return {"hf_config": json.load(f)}
-    if os.path.isdir(src) and transform.checkpoint_root(src) and transform._rank_dirs(transform.checkpoint_root(src)):
+    if os.path.isdir(src) and transform._rank_dirs(transform.checkpoint_root(src)):
         return transform.meta_entry(transform.rank_files(src, warn)[0])
     return transform.meta_entry(resolve(src, warn=warn)[1])
 
