@@ -9,10 +9,10 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
 fi
-extra=""
+extra="[hf]"
 if [ "${1:-}" = "--test" ]; then
   # torch==2.13.0 is pinned in the extras: the CPU wheel; an unpinned torch pulls a CUDA build.
-  extra="[test]"
+  extra="[test,hf]"
 fi
 .venv/bin/python -m pip install -q -e ".${extra}"
 .venv/bin/python - <<'PY'
