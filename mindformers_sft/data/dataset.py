@@ -22,6 +22,7 @@ from ..errors import ConfigError, DataError
 from .packing import positions_and_segments
 from .pipeline import SFTOptions, iter_rows
 from .stats import RejectLog, Stats
+from .truncation import DEFAULT_TRUNCATION
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,16 @@ class MindRecordDataset(ArrayDataset):
                               f"--seq_length {seq_length} or set seq_length {self.seq_length}")
 
 
+def _is_main_process() -> bool:
+    """Rank 0 (or no launcher): msrun sets RANK_ID / MS_NODE_ID for each worker."""
+    import os
+    for key in ("RANK_ID", "MS_NODE_ID"):
+        v = os.environ.get(key)
+        if v is not None and v.strip().isdigit():
+            return int(v) == 0
+    return True
+
+
 class OnlineSFTDataset(ArrayDataset):
     """Raw SFT data tokenized at load time. `tokenizer` is a Tokenizer or a path for load_tokenizer.
 
@@ -87,7 +98,7 @@ class OnlineSFTDataset(ArrayDataset):
 
     def __init__(self, files, tokenizer, template: str = "auto", seq_length: int = 2048, data_format: str = "auto",
                  map_keys=None, pack=False, train_on_prompt: bool = False, mask_history: bool = False,
-                 truncation: str = "turn", rejects_file: str = "", alpaca_prompt: str = "stanford",
+                 truncation: str = DEFAULT_TRUNCATION, rejects_file: str = "", alpaca_prompt: str = "stanford",
                  pack_max_samples: Optional[int] = None, num_workers: int = 0, chunk_records: int = 512,
                  verbose: bool = True):
         if isinstance(tokenizer, str):
@@ -114,8 +125,8 @@ class OnlineSFTDataset(ArrayDataset):
             first = f"; first reject: {self.rejects[0]}" if self.rejects else ""
             raise DataError(f"{src}: no usable sample ({self.stats.line()}){first}")
         super().__init__(np.stack(ids), np.stack(labels), np.stack(asl) if asl else None, source=src)
-        if verbose:
-            logger.info("%s: %s", src, self.stats.line())
+        if verbose and _is_main_process():
+            print(f"[data] {src}: {self.stats.line()} (truncation: {self.options.truncation})", flush=True)
             if self.stats.rejected and not rejects_file:
                 logger.warning("%s: %d records rejected (set rejects_file to list them all); first: %s",
                                src, self.stats.rejected, self.rejects[0])
@@ -146,7 +157,7 @@ def build_dataset(section: dict, tokenizer_path: str = "", seq_length: Optional[
             path, tok, template=dl.get("template", "auto"), seq_length=int(seq),
             data_format=dl.get("data_format", "auto"), map_keys=dl.get("map_keys"), pack=dl.get("pack", False),
             train_on_prompt=bool(dl.get("train_on_prompt", False)), mask_history=bool(dl.get("mask_history", False)),
-            truncation=dl.get("truncation", "turn"), rejects_file=dl.get("rejects_file", ""),
+            truncation=dl.get("truncation") or DEFAULT_TRUNCATION, rejects_file=dl.get("rejects_file", ""),
             alpaca_prompt=dl.get("alpaca_prompt", "stanford"), pack_max_samples=dl.get("pack_max_samples"),
             num_workers=int(dl.get("num_workers", 0) or 0)), dl.get("split"))
     raise ConfigError(f"train_dataset.data_loader.type {kind!r} is not supported; expected MindDataset (MindRecord) "

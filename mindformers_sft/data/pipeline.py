@@ -20,7 +20,8 @@ from .packing import Packer, pack_strategy
 from .readers import read_file, resolve_files
 from .stats import RejectLog, Stats
 from .templates import get_template
-from .tokenize import TRUNCATIONS, SFTEncoder
+from .tokenize import SFTEncoder
+from .truncation import DEFAULT_TRUNCATION, TRUNCATIONS
 
 
 @dataclass
@@ -32,7 +33,7 @@ class SFTOptions:
     alpaca_prompt: str = "stanford"
     train_on_prompt: bool = False
     mask_history: bool = False
-    truncation: str = "turn"
+    truncation: str = DEFAULT_TRUNCATION   # proportional | cut | turn | drop (truncation.py)
     pack: object = False                  # False | True (greedy) | "greedy" | "sequential"
     pack_max_samples: Optional[int] = None
     pack_buffer: int = 4096

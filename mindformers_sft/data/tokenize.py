@@ -19,8 +19,8 @@ from its first token through its end token (eos ``</s>``, ``<|im_end|>``, ``<|eo
 stop. ``train_on_prompt`` supervises every token; ``mask_history`` only the last assistant turn.
 
 Samples hold at most ``seq_length + 1`` tokens (the model predicts tokens 1..S from tokens 0..S-1). A longer
-sample is, with ``truncation="turn"``, cut after the last whole assistant turn that fits (a sample whose first
-exchange does not fit is rejected), or with ``truncation="drop"`` rejected.
+sample is truncated as ``truncation`` says (truncation.py: ``proportional``, the default, LLaMA-Factory's rule;
+``cut``, FastChat's and MindFormers'; ``turn``; ``drop``), with its labels masked as in the whole sample.
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ import numpy as np
 from ..errors import ConfigError, DataError
 from .formats import Conversation, Location, RecordError
 from .templates import Template
+from .truncation import DEFAULT_TRUNCATION, TRUNCATIONS, fit
 
 _BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 
@@ -74,7 +75,6 @@ def byte_length_table(tokenizer) -> Optional[np.ndarray]:
     return table
 
 IGNORE_INDEX = -100
-TRUNCATIONS = ("turn", "drop")
 
 
 @dataclass
@@ -104,7 +104,8 @@ class SFTEncoder:
     """Conversations -> (input_ids, labels) samples for one tokenizer/template/seq_length."""
 
     def __init__(self, tokenizer, template: Template, seq_length: int, train_on_prompt: bool = False,
-                 mask_history: bool = False, truncation: str = "turn", verify: int = 8, fast_offsets: bool = True):
+                 mask_history: bool = False, truncation: str = DEFAULT_TRUNCATION, verify: int = 8,
+                 fast_offsets: bool = True):
         if truncation not in TRUNCATIONS:
             raise ConfigError(f"truncation {truncation!r} is not supported; expected one of {', '.join(TRUNCATIONS)}")
         if int(seq_length) < 1:
@@ -215,34 +216,25 @@ class SFTEncoder:
         return ids, tok_spans
 
     def _finish(self, ids: list, tok_spans, loc: Location) -> Sample:
-        truncated = False
         n = len(ids)
-        if n > self.max_len and tok_spans and tok_spans[-1][1] <= self.max_len:
-            # only template glue after the last reply (e.g. the "\n" after <|im_end|>) is over: dropping it loses
-            # no data, so it is not counted as a truncation
-            n = tok_spans[-1][1]
-            ids = ids[:n]
-        if n > self.max_len:
-            if self.truncation == "drop":
-                raise RecordError(f"too long: {n} tokens > seq_length + 1 = {self.max_len} (truncation: drop)")
-            keep = [sp for sp in tok_spans if sp[1] <= self.max_len]
-            if not keep:
-                first = tok_spans[0][1] if tok_spans else n
-                raise RecordError(f"too long: the first exchange alone has {first} tokens > seq_length + 1 = "
-                                  f"{self.max_len} (truncation: turn)")
-            truncated = True
-            tok_spans = keep
-            n = keep[-1][1]
-            ids = ids[:n]
+        keep, label_spans, truncated = fit(n, list(tok_spans), self.max_len, self.truncation,
+                                           last_first=self.mask_history)
         arr = np.asarray(ids, dtype=np.int32)
         if self.train_on_prompt:
             labels = arr.copy()
         else:
             sup = np.zeros(n, dtype=bool)
-            for ts, te in (tok_spans[-1:] if self.mask_history else tok_spans):
+            for ts, te in (label_spans[-1:] if self.mask_history else label_spans):
                 sup[ts:te] = True
             labels = np.where(sup, arr, np.int32(IGNORE_INDEX)).astype(np.int32)
-        if n < 2 or not (labels[1:] != IGNORE_INDEX).any():
+        if isinstance(keep, int):
+            arr, labels = arr[:keep], labels[:keep]
+        else:
+            arr, labels = arr[keep], labels[keep]
+        if len(arr) < 2 or not (labels[1:] != IGNORE_INDEX).any():
+            if truncated:
+                raise RecordError(f"no supervised token left after truncation ({self.truncation}): "
+                                  f"{n} tokens > seq_length + 1 = {self.max_len}")
             raise RecordError("no supervised token (the assistant replies render to nothing)")
         return Sample(arr, labels, loc, truncated)
 

@@ -23,6 +23,7 @@ import time
 from ..data.packing import PACK_STRATEGIES
 from ..data.pipeline import SFTOptions, iter_rows
 from ..data.stats import RejectLog, Stats
+from ..data.truncation import DEFAULT_TRUNCATION, TRUNCATIONS
 from ..errors import ConfigError, SFTError
 
 TOKENIZER_NAMES = ("llama",)
@@ -53,7 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "actual_seq_len (default min(seq_length, 512))")
     p.add_argument("--train_on_prompt", action="store_true", help="supervise every token except padding")
     p.add_argument("--mask_history", action="store_true", help="supervise only the last assistant turn")
-    p.add_argument("--truncation", default="turn", choices=["turn", "drop"])
+    p.add_argument("--truncation", default=DEFAULT_TRUNCATION, choices=list(TRUNCATIONS),
+                   help="over-long samples: proportional (LLaMA-Factory's cutoff_len rule, the default: keeps every "
+                   "sample), cut (the first seq_length + 1 tokens, as FastChat and MindFormers), turn (whole leading "
+                   "turns that fit), drop; truncated samples are counted")
     p.add_argument("--num_workers", type=int, default=1, help="tokenizing processes (1: in this process)")
     p.add_argument("--file_partition", type=int, default=1, help="MindRecord shards")
     p.add_argument("--rejects_file", default=None, help="default: <output_file>.rejects.jsonl")

@@ -83,14 +83,14 @@ def test_truncation_turn_and_drop(qwen):
     full = SFTEncoder(tok, tpl, 1023).encode_one(conv)
     runs = supervised_runs(full.input_ids, full.labels)
     # room for two exchanges but not three: cut after the 2nd reply's <|im_end|>
-    s = SFTEncoder(tok, tpl, runs[2][1] - 2).encode_one(conv)
+    s = SFTEncoder(tok, tpl, runs[2][1] - 2, truncation="turn").encode_one(conv)
     assert s.truncated and len(s.input_ids) == runs[1][1]
     np.testing.assert_array_equal(s.input_ids, full.input_ids[:runs[1][1]])
     assert len(supervised_runs(s.input_ids, s.labels)) == 2
     with pytest.raises(RecordError, match="too long"):
         SFTEncoder(tok, tpl, runs[2][1] - 2, truncation="drop").encode_one(conv)
     with pytest.raises(RecordError, match="first exchange"):
-        SFTEncoder(tok, tpl, runs[0][1] - 2).encode_one(conv)
+        SFTEncoder(tok, tpl, runs[0][1] - 2, truncation="turn").encode_one(conv)
     s = SFTEncoder(tok, tpl, len(full.input_ids) - 1).encode_one(conv)     # exactly fits: S + 1 tokens
     assert not s.truncated and len(s.input_ids) == len(full.input_ids)
 
