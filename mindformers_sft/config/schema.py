@@ -22,7 +22,7 @@ DATASET = {
         "num_workers": 0,
         "train_on_prompt": False,
         "mask_history": False,
-        "truncation": "turn",         # turn | drop
+        "truncation": "proportional", # proportional (LLaMA-Factory) | cut (FastChat, MindFormers) | turn | drop
         "rejects_file": "",
         "split": "train",
         "path": "",
