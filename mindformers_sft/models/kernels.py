@@ -182,13 +182,17 @@ def _cpu_id() -> str:
 
 
 CPU_SOURCE_FILE = "cpu_kernels.cc"  # package data of mindformers_sft.models (pyproject.toml: package-data)
+# MoE: the mixture-of-experts kernels (models/moe.py), compiled in the same translation unit after CPU_SOURCE_FILE
+# (they use its helpers); one library, one cache entry
+CPU_MOE_SOURCE_FILE = "cpu_moe_kernels.cc"
 
 
 @functools.lru_cache(maxsize=None)
 def _cpu_source() -> str:
-    """The C++ source of the fused CPU kernels: the text of cpu_kernels.cc next to this module."""
-    return importlib.resources.files(__package__ or "mindformers_sft.models").joinpath(
-        CPU_SOURCE_FILE).read_text(encoding="utf-8")
+    """The C++ source of the fused CPU kernels: cpu_kernels.cc then cpu_moe_kernels.cc (next to this module)."""
+    files = importlib.resources.files(__package__ or "mindformers_sft.models")
+    return "".join(f'#line 1 "{name}"\n' + files.joinpath(name).read_text(encoding="utf-8")
+                   for name in (CPU_SOURCE_FILE, CPU_MOE_SOURCE_FILE))
 
 
 def _build_library() -> str:
@@ -383,3 +387,27 @@ def notify(*tensors):
     """In a compiled graph: an int32 (1,) token computed after all `tensors`; signals `completion_signal()`.
     Return the token from the graph (an unused op would be pruned)."""
     return _NOTIFY(*tensors)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MoE (models/moe.py): the fused CPU library's path and the Ascend grouped-matmul experts
+# ---------------------------------------------------------------------------------------------------------------
+def cpu_kernel_library() -> str:
+    """Path of the built CPU kernel library (needs `cpu_kernels()`), for ops defined next to their model code."""
+    return _CPU_STATE["so"]
+
+
+def moe_experts_ascend(x, probs, idx, w1, w2, num_experts: int):  # Ascend (not runnable on CPU)
+    """Ascend: token permute by expert, two grouped matmuls with swiglu between, weighted unpermute.
+
+    x (T, H), probs (T, K) in x's dtype, idx (T, K) int32, w1 (E, H, 2F) gate|up, w2 (E, F, H). Returns (T, H).
+    """
+    from mindspore.ops.auto_generate import GroupedMatmul
+    permuted, sorted_indices = ops.moe_token_permute(x, idx)
+    counts = ops.sum(ops.cast(ops.one_hot(ops.reshape(idx, (-1,)), num_experts, ms.Tensor(1, ms.int32),
+                                          ms.Tensor(0, ms.int32)), ms.int32), 0)
+    group_list = ops.cast(ops.cumsum(counts, 0), ms.int64)                # cumulative ends, one per expert
+    gmm = GroupedMatmul(split_item=3, group_type=0)
+    h = gmm([permuted], [w1], None, None, None, None, None, group_list)[0]
+    o = gmm([ops.swiglu(h, -1)], [w2], None, None, None, None, None, group_list)[0]
+    return ops.moe_token_unpermute(o, sorted_indices, probs)
