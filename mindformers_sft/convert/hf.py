@@ -30,22 +30,17 @@ import os
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
-import numpy as np
-
-from ..checkpoint.dtypes import cast, dtype_name, is_float, to_np_dtype
+from ..checkpoint.dtypes import dtype_name, to_np_dtype
 from ..checkpoint.io import (CkptWriter, SafetensorsWriter, ShardedSafetensorsWriter, TensorInfo,
-                             atomic_write_json, checkpoint_files, file_format, file_infos, iter_file,
-                             parse_size, safetensors_metadata)
+                             atomic_write_json, checkpoint_files, file_format, file_infos, parse_size)
 from ..errors import CheckpointError, ConfigError, SFTError
-from ..models.config import LlamaConfig
-from .names import hf_to_mf, is_ignored_hf, mf_to_hf
-
-# --model value -> LlamaConfig.model_type. qwen2 and qwen2_5 are one family (Qwen2 with q/k/v bias).
-FAMILIES = {"llama": "llama", "llama2": "llama", "llama3": "llama", "qwen2": "qwen2", "qwen2_5": "qwen2",
-            "qwen2.5": "qwen2"}
-HF_CONFIG_METADATA_KEY = "hf_config"
+from .layouts import expected_hf_shapes, expected_shapes, layout_for
+from .names import is_ignored_hf
+from .plan import Plan, out_dtype, output_spec, plan, write_all
+from .spec import (FAMILIES, HF_CONFIG_METADATA_KEY, ModelSpec, find_config_for_mf, load_model_config,
+                   model_family, sidecar_config_path, spec_from_hf_dict)
 
 # Entries of MindFormers training checkpoints that are not model weights (optimizer state, counters).
 MF_IGNORED_PREFIXES = ("adam_m.", "adam_v.", "accu_grads.", "moment1.", "moment2.", "moments.", "optimizer.")
@@ -59,216 +54,11 @@ def is_ignored_mf(name: str) -> bool:
     return name in MF_IGNORED_NAMES or name.startswith(MF_IGNORED_PREFIXES)
 
 
-def model_family(model: Optional[str]) -> Optional[str]:
-    """LlamaConfig.model_type of a --model value ('llama' | 'qwen2' | 'qwen2_5'); None stays None."""
-    if model is None:
-        return None
-    fam = FAMILIES.get(str(model).strip().lower())
-    if fam is None:
-        raise ConfigError(f"--model: '{model}' is not supported; expected one of llama, qwen2, qwen2_5")
-    return fam
-
-
-# ------------------------------------------------------------------------------------------ shapes
-def expected_shapes(config: LlamaConfig) -> "OrderedDict[str, Tuple[int, ...]]":
-    """MindFormers parameter name -> shape for `config`, in model order.
-
-    q/k/v biases only with ``qkv_has_bias``; no ``lm_head.weight`` with ``tie_word_embeddings``.
-    Dense weights are (out_features, in_features), as in both HF and MindFormers.
-    """
-    h, v, ff = config.hidden_size, config.vocab_size, config.intermediate_size
-    hd = config.head_dim
-    q, kv = config.num_heads * hd, config.n_kv_heads * hd
-    out = OrderedDict()
-    out["model.tok_embeddings.embedding_weight"] = (v, h)
-    for i in range(config.num_layers):
-        p = f"model.layers.{i}."
-        out[p + "attention.wq.weight"] = (q, h)
-        out[p + "attention.wk.weight"] = (kv, h)
-        out[p + "attention.wv.weight"] = (kv, h)
-        if config.qkv_has_bias:
-            out[p + "attention.wq.bias"] = (q,)
-            out[p + "attention.wk.bias"] = (kv,)
-            out[p + "attention.wv.bias"] = (kv,)
-        out[p + "attention.wo.weight"] = (h, q)
-        out[p + "feed_forward.w1.weight"] = (ff, h)
-        out[p + "feed_forward.w2.weight"] = (h, ff)
-        out[p + "feed_forward.w3.weight"] = (ff, h)
-        out[p + "attention_norm.weight"] = (h,)
-        out[p + "ffn_norm.weight"] = (h,)
-    out["model.norm_out.weight"] = (h,)
-    if not config.tie_word_embeddings:
-        out["lm_head.weight"] = (v, h)
-    return out
-
-
-def expected_hf_shapes(config: LlamaConfig) -> "OrderedDict[str, Tuple[int, ...]]":
-    """The same as :func:`expected_shapes` with Hugging Face names."""
-    return OrderedDict((mf_to_hf(k), s) for k, s in expected_shapes(config).items())
-
-
-def _config_facts(c: LlamaConfig) -> str:
-    return (f"vocab_size={c.vocab_size}, hidden_size={c.hidden_size}, num_layers={c.num_layers}, "
-            f"num_heads={c.num_heads}, n_kv_heads={c.n_kv_heads}, intermediate_size={c.intermediate_size}, "
-            f"qkv_has_bias={c.qkv_has_bias}, tie_word_embeddings={c.tie_word_embeddings}")
-
-
-# ------------------------------------------------------------------------------------------ configs
-def sidecar_config_path(weights_path: str) -> str:
-    """Where the model config of a MindFormers weight file lives: ``dir/llama.ckpt`` -> ``dir/llama.config.json``."""
-    stem, _ = os.path.splitext(os.path.abspath(weights_path))
-    return stem + ".config.json"
-
-
-@dataclass
-class ModelSpec:
-    config: LlamaConfig
-    hf_config: dict            # the config.json to write on the HF side (verbatim when the source was one)
-    source: str                # file the config came from (for messages)
-
-
-def _read_json(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    if not isinstance(d, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    return d
-
-
-def _spec_from_hf_dict(hf: dict, source: str, family: Optional[str]) -> ModelSpec:
-    cfg = LlamaConfig.from_hf_config(hf)  # errors name config.json; re-raise with the real path
-    if family is not None and cfg.model_type != family:
-        raise ConfigError(f"{source}: model_type '{hf.get('model_type', 'llama')}' does not match "
-                          f"--model (family '{family}')")
-    return ModelSpec(cfg, dict(hf), source)
-
-
-def load_model_config(path: str, model: Optional[str] = None) -> ModelSpec:
-    """A model config from an HF ``config.json`` (file or its directory) or a MindFormers YAML
-    (``model: model_config: {...}``); `model` (the --model family) fills in / checks ``model_type``."""
-    family = model_family(model)
-    if os.path.isdir(path):
-        path = os.path.join(path, "config.json")
-    if not os.path.isfile(path):
-        raise ConfigError(f"{path}: no such config file")
-    if path.lower().endswith((".yaml", ".yml")):
-        import yaml
-        try:
-            with open(path, encoding="utf-8") as f:
-                d = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
-        mc = None
-        if isinstance(d, dict):
-            m = d.get("model")
-            if isinstance(m, dict) and isinstance(m.get("model_config"), dict):
-                mc = m["model_config"]
-            elif isinstance(d.get("model_config"), dict):
-                mc = d["model_config"]
-            elif "num_layers" in d and "hidden_size" in d:
-                mc = d
-        if mc is None:
-            raise ConfigError(f"{path}: no 'model: model_config:' section")
-        mc = dict(mc)
-        if family is not None:
-            if mc.get("model_type", family) != family:
-                raise ConfigError(f"{path}: model.model_config.model_type '{mc['model_type']}' does not match "
-                                  f"--model (family '{family}')")
-            mc["model_type"] = family
-        try:
-            cfg = LlamaConfig.from_dict(mc, where=f"{path}: model.model_config")
-        except TypeError as e:
-            raise ConfigError(f"{path}: model.model_config: {e}") from None
-        return ModelSpec(cfg, cfg.to_hf_config(), path)
-    hf = _read_json(path)
-    try:
-        return _spec_from_hf_dict(hf, path, family)
-    except ConfigError as e:
-        msg = str(e)
-        if msg.startswith("config.json:"):
-            msg = path + msg[len("config.json"):]
-        raise ConfigError(msg) from None
-
-
-# ------------------------------------------------------------------------------------------ planning
-@dataclass
-class _Item:
-    src: str
-    dst: str
-    mf: str
-    info: TensorInfo
-
-
-def _plan(infos: "OrderedDict[str, TensorInfo]", spec: ModelSpec, to_mf: bool, input_path: str) -> List[_Item]:
-    """Check every tensor of the input against the config; the tensors to write, in input order."""
-    cfg = spec.config
-    want = expected_shapes(cfg)
-    items, seen = [], {}
-    for name, info in infos.items():
-        if to_mf:
-            if is_ignored_hf(name):
-                continue
-            mf = hf_to_mf(name, source=info.file)
-        else:
-            if is_ignored_mf(name):
-                continue
-            mf_to_hf(name, source=info.file)    # raises for names that are not Llama weights
-            mf = name
-        if mf not in want:
-            if mf == "lm_head.weight" and cfg.tie_word_embeddings:
-                continue   # tied: the head is the embedding (HF ignores a stored lm_head when tied)
-            raise CheckpointError(
-                f"{info.file}: tensor '{name}' is not a weight of the model in {spec.source} "
-                f"({_config_facts(cfg)})")
-        if mf in seen:
-            raise CheckpointError(f"{info.file}: tensor '{name}' is also in {seen[mf]}")
-        seen[mf] = info.file
-        if tuple(info.shape) != tuple(want[mf]):
-            raise CheckpointError(
-                f"{info.file}: tensor '{name}' has shape {list(info.shape)} but {spec.source} implies "
-                f"{list(want[mf])} ({_config_facts(cfg)})")
-        items.append(_Item(name, mf if to_mf else mf_to_hf(mf), mf, info))
-    missing = [k for k in want if k not in seen]
-    if missing:
-        shown = ", ".join(f"'{k if not to_mf else mf_to_hf(k)}'" for k in missing[:3])
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise CheckpointError(f"{input_path}: missing tensor(s) {shown}{more} that {spec.source} requires "
-                              f"({_config_facts(cfg)})")
-    return items
-
-
-def _stream(items: List[_Item], dtype) -> Iterator[Tuple[_Item, np.ndarray]]:
-    """(item, array cast to dtype) for every item, file by file, one tensor in memory at a time."""
-    by_file: "OrderedDict[str, Dict[str, _Item]]" = OrderedDict()
-    for it in items:
-        by_file.setdefault(it.info.file, {})[it.src] = it
-    for path, sel in by_file.items():
-        for name, arr in iter_file(path, list(sel)):
-            out = cast(arr, dtype, name=name, where=path)
-            del arr
-            yield sel[name], out
-            del out      # one tensor in memory at a time: drop it before reading the next
-
-
-def _write_all(writer, items: List[_Item], dtype):
-    """Stream every planned tensor into `writer` and commit it; on any error the partial output is removed."""
-    try:
-        for it, arr in _stream(items, dtype):
-            writer.add(it.dst, arr)
-            del arr
-    except BaseException:
-        writer.abort()
-        raise
-    return writer.close()
-
-
-def _out_dtype(info: TensorInfo, dtype) -> np.dtype:
-    return dtype if (dtype is not None and is_float(info.dtype)) else info.dtype
+def _plan(infos: "OrderedDict[str, TensorInfo]", spec: ModelSpec, to_mf: bool, input_path: str) -> Plan:
+    """Check every tensor of the input against the config's layout; the groups to convert."""
+    layout = layout_for(spec.config, None if to_mf else infos)
+    return plan(infos, layout, to_mf, input_path, spec.source,
+                is_ignored_hf if to_mf else is_ignored_mf)
 
 
 def _set_config_dtype(hf_cfg: dict, name: Optional[str]):
@@ -281,8 +71,8 @@ def _set_config_dtype(hf_cfg: dict, name: Optional[str]):
         hf_cfg[k] = name
 
 
-def _torch_dtype(items: List[_Item], dtype) -> Optional[str]:
-    ds = {_out_dtype(it.info, dtype) for it in items}
+def _torch_dtype(p: Plan, dtype) -> Optional[str]:
+    ds = {out_dtype(g.srcs[0], dtype) for g in p.groups}
     return dtype_name(next(iter(ds))) if len(ds) == 1 else None
 
 
@@ -347,10 +137,10 @@ def convert_hf_to_mf(input_path: str, output_path: str, model: Optional[str] = N
         spec = load_model_config(cpath, model)
     if family is None:
         family = spec.config.model_type
-    items = _plan(_infos(files), spec, to_mf=True, input_path=input_path)
+    p = _plan(_infos(files), spec, to_mf=True, input_path=input_path)
 
     hf_cfg = dict(spec.hf_config)
-    tdt = _torch_dtype(items, np_dtype)
+    tdt = _torch_dtype(p, np_dtype)
     _set_config_dtype(hf_cfg, tdt)
     cfg_json = json.dumps(hf_cfg, ensure_ascii=False)
     os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -358,38 +148,14 @@ def convert_hf_to_mf(input_path: str, output_path: str, model: Optional[str] = N
         writer = CkptWriter(out)
     else:
         writer = SafetensorsWriter(out, metadata={"format": "ms", HF_CONFIG_METADATA_KEY: cfg_json},
-                                   spec=[(it.dst, _out_dtype(it.info, np_dtype), it.info.shape) for it in items])
-    _write_all(writer, items, np_dtype)
+                                   spec=output_spec(p, np_dtype))
+    write_all(writer, p, np_dtype)
     side = sidecar_config_path(out)
     atomic_write_json(side, hf_cfg)
-    return ConvertResult(len(items), writer.nbytes, out, [out], side, tdt)
+    return ConvertResult(p.count, writer.nbytes, out, [out], side, tdt)
 
 
 # ------------------------------------------------------------------------------------------ MF -> HF
-def _find_config_for_mf(files: Sequence[str], input_path: str, model: Optional[str]) -> ModelSpec:
-    for p in files:
-        side = sidecar_config_path(p)
-        if os.path.isfile(side):
-            return load_model_config(side, model)
-    for p in files:
-        if file_format(p) == "safetensors":
-            meta = safetensors_metadata(p) or {}
-            if HF_CONFIG_METADATA_KEY in meta:
-                try:
-                    hf = json.loads(meta[HF_CONFIG_METADATA_KEY])
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"{p}: metadata '{HF_CONFIG_METADATA_KEY}' is not valid JSON ({e.msg})") \
-                        from None
-                return _spec_from_hf_dict(hf, f"{p} (metadata)", model_family(model))
-    d = input_path if os.path.isdir(input_path) else os.path.dirname(os.path.abspath(input_path))
-    cj = os.path.join(d, "config.json")
-    if os.path.isfile(cj):
-        return load_model_config(cj, model)
-    raise ConfigError(f"{input_path}: no model config found (no {os.path.basename(sidecar_config_path(files[0]))} "
-                      "sidecar, no config in the file's metadata, no config.json beside it); pass --config "
-                      "with an HF config.json or a MindFormers YAML")
-
-
 def convert_mf_to_hf(input_path: str, output_path: str, model: Optional[str] = None, dtype=None,
                      config: Optional[str] = None, max_shard_size="5GB", spec: Optional[ModelSpec] = None
                      ) -> ConvertResult:
@@ -406,20 +172,20 @@ def convert_mf_to_hf(input_path: str, output_path: str, model: Optional[str] = N
                           "to write config.json and model*.safetensors into)")
     files = checkpoint_files(input_path)
     if spec is None:
-        spec = load_model_config(config, model) if config is not None else _find_config_for_mf(files, input_path,
+        spec = load_model_config(config, model) if config is not None else find_config_for_mf(files, input_path,
                                                                                                model)
-    items = _plan(_infos(files), spec, to_mf=False, input_path=input_path)
+    p = _plan(_infos(files), spec, to_mf=False, input_path=input_path)
 
     hf_cfg = dict(spec.hf_config)
-    tdt = _torch_dtype(items, np_dtype)
+    tdt = _torch_dtype(p, np_dtype)
     _set_config_dtype(hf_cfg, tdt)
     os.makedirs(out, exist_ok=True)
     writer = ShardedSafetensorsWriter(out, shard, metadata={"format": "pt"},
-                                      spec=[(it.dst, _out_dtype(it.info, np_dtype), it.info.shape) for it in items])
-    res = _write_all(writer, items, np_dtype)
+                                      spec=output_spec(p, np_dtype))
+    res = write_all(writer, p, np_dtype)
     cfg_path = os.path.join(out, "config.json")
     atomic_write_json(cfg_path, hf_cfg)
-    return ConvertResult(len(items), writer.nbytes, out, res["files"], cfg_path, tdt)
+    return ConvertResult(p.count, writer.nbytes, out, res["files"], cfg_path, tdt)
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -498,7 +264,7 @@ def _reversed(args, inp, outp) -> ConvertResult:
         raise ConfigError(f"--peft_path: {inp} holds no LoRA adapters")
     spec = None
     if args.config is None and entry and entry.get("hf_config"):
-        spec = _spec_from_hf_dict(entry["hf_config"], os.path.join(os.path.dirname(inp), "meta.json"),
+        spec = spec_from_hf_dict(entry["hf_config"], os.path.join(os.path.dirname(inp), "meta.json"),
                                   model_family(args.model))
     return convert_mf_to_hf(inp, outp, args.model, args.dtype, args.config, args.max_shard_size, spec=spec)
 

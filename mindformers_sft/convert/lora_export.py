@@ -68,7 +68,7 @@ def peft_target_modules(layers, num_layers):
 
 def export_lora(input_path: str, output_path: str, peft_path: Optional[str] = None, config: Optional[str] = None,
                 base_path: Optional[str] = None, dtype=None, max_shard_size="5GB", warn=print) -> dict:
-    from .hf import load_model_config  # the HF-side config reader
+    from .spec import load_model_config
     kind, src, entry = resolve(input_path, warn=warn)
     if kind != "file":
         raise CheckpointError(f"{input_path}: not a LoRA training checkpoint")
@@ -88,8 +88,8 @@ def export_lora(input_path: str, output_path: str, peft_path: Optional[str] = No
     elif is_hf_dir(base):
         spec = load_model_config(base)
     elif entry.get("hf_config"):
-        from .hf import _spec_from_hf_dict
-        spec = _spec_from_hf_dict(entry["hf_config"], os.path.join(os.path.dirname(src), "meta.json"), None)
+        from .spec import spec_from_hf_dict
+        spec = spec_from_hf_dict(entry["hf_config"], os.path.join(os.path.dirname(src), "meta.json"), None)
     else:
         raise ConfigError(f"{src}: no model config: pass --config with the base model's config.json")
     scaling = pet["lora_alpha"] / pet["lora_rank"]
