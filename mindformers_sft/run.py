@@ -1,6 +1,7 @@
 """Compose a run from a validated Config: context -> model (+ weights, + LoRA) -> data -> train/eval/predict."""
 from __future__ import annotations
 
+import glob
 import importlib
 import json
 import os
@@ -21,10 +22,18 @@ def register(path: str):
     importlib.import_module(f"{pkg}.{name}" if os.path.isfile(os.path.join(parent, "__init__.py")) else name)
 
 
+DEVICE_NODES = {"Ascend": "/dev/davinci[0-9]*", "GPU": "/dev/nvidia[0-9]*"}
+
+
 def setup_context(cfg):
     import mindspore as ms
     from .parallel import init_parallel
     target = cfg.context.device_target
+    if target in DEVICE_NODES and cfg.run_mode != "plan" and not glob.glob(DEVICE_NODES[target]):
+        # before MindSpore loads its device plugins (which fail noisily, or deep inside, without the hardware)
+        raise ConfigError(f"context.device_target is {target}, but this machine has no {target} device "
+                          f"({DEVICE_NODES[target]} is absent); pass --device_target CPU "
+                          "(or --options context.device_target=CPU)")
     if not target:
         target = "Ascend" if ms.hal.is_available("Ascend") else "CPU"
     if target != "CPU" and not ms.hal.is_available(target):
@@ -34,6 +43,10 @@ def setup_context(cfg):
             raise ConfigError(f"context.device_target is {target}, but no {target} device is available on this "
                               "machine; pass --device_target CPU (or --options context.device_target=CPU)")
     cfg.context.device_target = target
+    from .config import no_effect_lines
+    for line in no_effect_lines(cfg, target):
+        if os.environ.get("RANK_ID", "0") in ("0", ""):
+            print(line)
     ms.set_device(target)
     ms.set_context(mode=ms.PYNATIVE_MODE)   # mode 0 compiles the train step with mindspore.jit
     if target == "CPU":
@@ -42,6 +55,63 @@ def setup_context(cfg):
         ms.set_context(max_call_depth=cfg.context.max_call_depth)
     ms.set_seed(int(cfg.seed))
     return init_parallel(cfg)
+
+
+def resolve_pretrained(cfg, log=print):
+    """MindFormers 1.6+ `pretrained_model_dir` (a Hugging Face directory): the architecture (its config.json, which
+    model.model_config only overrides), the tokenizer (its tokenizer files) and, when load_checkpoint is empty,
+    the weights (its safetensors, sharded or not), as MindFormers' trainer falls back to it."""
+    from .checkpoint.loading import is_hf_dir
+    d = cfg.get("pretrained_model_dir")
+    if d:
+        if not os.path.isdir(d):
+            raise ConfigError(f"pretrained_model_dir: {d} is not a directory")
+        if not os.path.isfile(os.path.join(d, "config.json")):
+            raise ConfigError(f"pretrained_model_dir: {d} has no config.json (the model's architecture)")
+        has_weights = is_hf_dir(d)
+        if not cfg.load_checkpoint:
+            if has_weights:
+                cfg.load_checkpoint = d
+                log(f"[model] load_checkpoint is empty: weights from pretrained_model_dir {d}")
+            elif cfg.run_mode != "train":
+                raise ConfigError(f"pretrained_model_dir: {d} has no *.safetensors weights and load_checkpoint is "
+                                  f"empty: nothing to {cfg.run_mode} from (run_mode train starts from random weights)")
+        _keep_tied(cfg, d, log)
+        if _checkpoint_architecture(cfg.load_checkpoint) is None:
+            from .models.config import LlamaConfig
+            cfg.model.model_config = {**LlamaConfig.from_hf_config(d).to_dict(), **(cfg.model.model_config or {})}
+        tok = cfg.processor.tokenizer
+        if not (tok.path or tok.tokenizer_file or tok.vocab_file):
+            names = ("tokenizer.json", "tokenizer.model", "vocab.json")
+            if not any(os.path.isfile(os.path.join(d, n)) for n in names):
+                raise ConfigError(f"pretrained_model_dir: {d} has no tokenizer ({', '.join(names)}); set "
+                                  "processor.tokenizer.vocab_file")
+            tok.vocab_file = d
+    _check_ckpt_format(cfg)
+
+
+def _keep_tied(cfg, d, log):
+    """MindFormers' Qwen3 YAML unties the output layer (untie_embeddings_and_output_weights: True, right for the
+    large models); small checkpoints with tied weights have no output layer to load: keep them tied, and say so."""
+    mc = cfg.model.model_config or {}
+    if mc.get("tie_word_embeddings") is not False or os.path.abspath(cfg.load_checkpoint or "") != os.path.abspath(d):
+        return
+    with open(os.path.join(d, "config.json"), encoding="utf-8") as f:
+        tied = json.load(f).get("tie_word_embeddings", False)
+    if tied:
+        log(f"[model] model_config unties the output layer, but {d} has tied weights (no lm_head): kept tied")
+        mc["tie_word_embeddings"] = True
+
+
+def _check_ckpt_format(cfg):
+    """load_ckpt_format (when the YAML sets it) must match a load_checkpoint file's form."""
+    path, fmt = cfg.load_checkpoint, cfg.load_ckpt_format
+    if "load_ckpt_format" not in getattr(cfg, "user_keys", ()) or not path or not os.path.isfile(path):
+        return
+    ext = os.path.splitext(path)[1].lstrip(".")
+    if ext in ("ckpt", "safetensors") and ext != fmt:
+        raise ConfigError(f"load_checkpoint {path} is a .{ext} file but load_ckpt_format is '{fmt}'; set "
+                          f"load_ckpt_format: {ext}")
 
 
 def model_config(cfg, log=print):
@@ -61,7 +131,8 @@ def model_config(cfg, log=print):
         if missing:
             raise ConfigError(f"model.model_config lacks {', '.join(missing)} and load_checkpoint "
                               f"('{cfg.load_checkpoint}') records no architecture: say what model to build")
-        mc.setdefault("model_type", "qwen2" if arch_type == "qwen2" or mc.get("qkv_has_bias") else "llama")
+        mc.setdefault("model_type", arch_type if arch_type != "llama" else
+                      ("qwen2" if mc.get("qkv_has_bias") else "llama"))
         conf = LlamaConfig.from_dict(mc)
     else:
         raise ConfigError("model.model_config is missing and load_checkpoint is not a Hugging Face directory: "
@@ -96,19 +167,19 @@ def _checkpoint_architecture(path):
 def build_model(cfg, rank=0, log=print):
     """The model with --load_checkpoint weights and, if pet_config is set, LoRA adapters."""
     from .checkpoint.loading import read_weights
-    from .models import LlamaForCausalLM, load_state_dict
+    from .models import build_model as build_family_model, load_state_dict
     conf = model_config(cfg, log)
-    model = LlamaForCausalLM(conf)
+    model = build_family_model(conf)     # the family's class by conf.model_type (models.FAMILIES)
     adapters = {}
     if cfg.load_checkpoint:
-        base, adapters, src = read_weights(cfg.load_checkpoint, rank, warn=log)
+        base, adapters, src = read_weights(cfg.load_checkpoint, rank, warn=log, config=conf)
         load_state_dict(model, base, strict=True, source=src)
         log(f"[model] loaded {len(base)} tensors from {src}")
     elif cfg.run_mode in ("finetune", "eval", "predict", "chat"):
         raise ConfigError(f"run_mode {cfg.run_mode} needs load_checkpoint (pretrained weights); "
                           "use run_mode train to start from random weights")
     n = recompute_layers(cfg.recompute_config.recompute, conf.num_layers)
-    for layer in list(model.model.layers)[:n]:
+    for layer in model.decoder_layers()[:n]:
         layer.recompute()   # activations of these layers are recomputed in the backward pass (graph mode)
     if conf.pet_config:
         from .pet.lora import apply_lora
@@ -164,14 +235,20 @@ def _dataset(cfg, section_name):
     from .data import build_dataset
     section = cfg[section_name]
     seq = section.seq_length or cfg.model.model_config and cfg.model.model_config.get("seq_length") or 512
-    if not section.data_loader.dataset_dir:
+    if not _has_data(section):
         raise ConfigError(f"{section_name}.data_loader.dataset_dir is empty (or pass --{section_name}_dir)")
     return build_dataset(section.to_plain(), tokenizer_path(cfg), int(seq))
+
+
+def _has_data(section) -> bool:
+    dl = section.data_loader
+    return bool(dl.dataset_dir or (dl.type == "HFDataLoader" and (dl.get("path") or dl.get("data_files"))))
 
 
 def run(cfg, predict: dict = None):
     rank = setup_context(cfg)
     log = print if rank.is_main else (lambda *a, **k: None)
+    resolve_pretrained(cfg, log)
     from .parallel.plan import preflight
     preflight(cfg, model_config(cfg, log=lambda *a: None), rank, log=log)
     if cfg.run_mode == "plan":
@@ -222,7 +299,7 @@ def _train(cfg, rank, log):
     model = build_model(cfg, rank.rank, log)
     check_tokenizer(cfg, model.config)
     train_ds = _dataset(cfg, "train_dataset")
-    eval_ds = _dataset(cfg, "eval_dataset") if cfg.eval_dataset.data_loader.dataset_dir else None
+    eval_ds = _dataset(cfg, "eval_dataset") if _has_data(cfg.eval_dataset) else None
     log(f"[data] {len(train_ds)} training samples" + (f", {len(eval_ds)} eval samples" if eval_ds else ""))
     res = train(cfg, model, train_ds, eval_ds, rank)
     if eval_ds is not None and rank.is_main:
@@ -237,7 +314,7 @@ def _eval(cfg, rank, log):
     from .trainer.loop import evaluate
     model = build_model(cfg, rank.rank, log)
     check_tokenizer(cfg, model.config)
-    section = "eval_dataset" if cfg.eval_dataset.data_loader.dataset_dir else "train_dataset"
+    section = "eval_dataset" if _has_data(cfg.eval_dataset) else "train_dataset"
     ds = _dataset(cfg, section)
     ev = evaluate(model, ds, cfg.runner_config.batch_size)
     log(f"[eval] {len(ds)} samples, {int(ev['tokens'])} tokens: loss {ev['loss']:.6f} "

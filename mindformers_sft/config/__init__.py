@@ -11,7 +11,8 @@ import difflib
 import yaml
 
 from ..errors import ConfigError
-from .schema import CALLBACKS, OPEN, SCHEMA
+from .schema import CALLBACKS, DATASET, EXTRA, HANDLERS, LOADERS, NO_EFFECT_OFF_ASCEND, NOT_ACTED_ON, OPEN, SCHEMA
+from .model_names import translate as translate_model_config
 from .yaml_lines import LineDict, load_yaml, parse_value, where
 
 
@@ -71,6 +72,8 @@ def _check(user: dict, schema: dict, path: str):
     for k, v in user.items():
         name = f"{path}.{k}" if path else str(k)
         if k not in schema:
+            if schema.get(EXTRA):
+                continue      # passed on (HFDataLoader -> datasets)
             raise ConfigError(f"{where(user, k)}: unknown key '{name}'{_closest(k, schema)}")
         sub = schema[k]
         if sub is OPEN or sub == OPEN:
@@ -79,6 +82,9 @@ def _check(user: dict, schema: dict, path: str):
             continue  # checked by LlamaConfig.from_dict
         if name == "callbacks":
             _check_callbacks(user, v)
+            continue
+        if name.endswith("data_loader.handler") and v is not None:
+            _check_handlers(user, v, name)
             continue
         if isinstance(sub, dict) and sub and isinstance(v, dict):
             _check(v, sub, name)
@@ -108,9 +114,80 @@ def _check_callbacks(parent, cbs):
                 raise ConfigError(f"{where(cb, k)}: 'callbacks[{i}].{k}' expects {type(keys[k]).__name__}, got {v!r}")
 
 
+def _check_handlers(parent, steps, name):
+    """HFDataLoader handler steps: a {type: ...} or a list of them; types and keys by MindFormers' names."""
+    steps = [steps] if isinstance(steps, dict) else steps
+    if not isinstance(steps, list):
+        raise ConfigError(f"{where(parent, 'handler')}: '{name}' expects a list of {{type: ...}} steps")
+    for i, step in enumerate(steps):
+        if not isinstance(step, dict) or "type" not in step:
+            raise ConfigError(f"{where(parent, 'handler')}: {name}[{i}] needs a 'type' key")
+        t = step["type"]
+        if t not in HANDLERS:
+            raise ConfigError(f"{where(step, 'type')}: unknown handler '{t}'{_closest(t, HANDLERS)} (handlers: "
+                              f"{', '.join(HANDLERS)})")
+        keys = HANDLERS[t]
+        if keys == OPEN:
+            continue      # a datasets.Dataset method: its arguments are checked against its signature when it runs
+        for k, v in step.items():
+            if k != "type" and k not in keys:
+                raise ConfigError(f"{where(step, k)}: unknown key '{name}[{i}].{k}' for {t}{_closest(k, keys)}")
+
+
+def _schema_for(user) -> dict:
+    """SCHEMA with the data_loader layout of the loader type each dataset section names."""
+    schema = dict(SCHEMA)
+    for sec in ("train_dataset", "eval_dataset"):
+        dl = user.get(sec, {}).get("data_loader") if isinstance(user.get(sec), dict) else None
+        if isinstance(dl, dict) and dl.get("type") in LOADERS:
+            schema[sec] = dict(DATASET, data_loader=LOADERS[dl["type"]])
+    return schema
+
+
+def _user_keys(d, prefix="") -> set:
+    out = set()
+    for k, v in d.items():
+        name = f"{prefix}{k}"
+        out.add(name)
+        if isinstance(v, dict):
+            out |= _user_keys(v, name + ".")
+    return out
+
+
+def no_effect_lines(cfg, device: str) -> list:
+    """Log lines naming the MindFormers keys this config sets that do nothing on `device` (printed once)."""
+    keys = getattr(cfg, "user_keys", set())
+
+    def value(dotted):
+        node = cfg
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return None
+            node = node[part]
+        return node
+
+    def listed(table):
+        out = []
+        for k, neutral in table.items():
+            v = value(k)
+            if k not in keys or v in (None, False, "", {}, []) or (neutral is not None and v == neutral):
+                continue
+            out += [f"{k}.{sub}" for sub in v] if isinstance(v, dict) and k.startswith("context.") else [k]
+        return out
+    lines = []
+    off = listed(NO_EFFECT_OFF_ASCEND) + [f"model.model_config.{k}" for k in getattr(cfg, "model_config_dropped", ())
+                                          if f"model.model_config.{k}" not in NO_EFFECT_OFF_ASCEND]
+    if off and device != "Ascend":
+        lines.append(f"[config] accepted, no effect on this device ({device}): {', '.join(sorted(set(off)))}")
+    idle = listed(NOT_ACTED_ON)
+    if idle:
+        lines.append(f"[config] accepted, not acted on by this suite: {', '.join(idle)}")
+    return lines
+
+
 def _merge(defaults, user):
     if isinstance(defaults, dict) and defaults != OPEN and isinstance(user, dict):
-        out = {k: copy.deepcopy(v) for k, v in defaults.items()}
+        out = {k: copy.deepcopy(v) for k, v in defaults.items() if k != EXTRA}
         for k, v in user.items():
             out[k] = _merge(defaults.get(k), v) if k in defaults else v
         return out
@@ -158,11 +235,22 @@ def load_config(path: str = None, options=(), overrides: dict = None) -> Config:
     for dotted, value in (overrides or {}).items():
         if value is not None:
             apply_option(user, dotted.split("."), value, source="flag")
-    _check(user, SCHEMA, "")
+    task = user.get("train_dataset_task")
+    if "train_dataset" not in user and isinstance(task, dict) and isinstance(task.get("dataset_config"), dict):
+        user["train_dataset"] = task["dataset_config"]      # MindFormers builds the dataset from the task's config
+    schema = _schema_for(user)
+    _check(user, schema, "")
     mc = (user.get("model") or {}).get("model_config")
-    merged = _merge(SCHEMA, user)
+    merged = _merge(schema, user)
+    dropped = []
+    if merged.get("use_legacy") is False and mc:
+        from ..models.config import LlamaConfig     # its field names only
+        import dataclasses
+        mc, dropped = translate_model_config(dict(mc), [f.name for f in dataclasses.fields(LlamaConfig)])
     merged["model"]["model_config"] = mc
     cfg = Config.wrap(merged)
+    object.__setattr__(cfg, "user_keys", _user_keys(user))
+    object.__setattr__(cfg, "model_config_dropped", dropped)
     _fill(cfg)
     return cfg
 
@@ -178,6 +266,15 @@ def _fill(cfg: Config):
         lr.learning_rate = opt.learning_rate
     if lr.min_lr is not None:
         lr.lr_end = lr.min_lr
+    if cfg.load_ckpt_format not in CKPT_FORMATS:
+        raise ConfigError(f"load_ckpt_format: '{cfg.load_ckpt_format}' is not one of {', '.join(CKPT_FORMATS)}"
+                          f"{_closest(cfg.load_ckpt_format, CKPT_FORMATS)}")
+    for key in ("train_dataset_task", "eval_dataset_task"):
+        task = cfg.get(key)
+        if isinstance(task, dict) and task.get("type") not in (None,) + DATASET_TASKS:
+            raise ConfigError(f"{key}.type: '{task['type']}' is not supported; expected "
+                              f"{', '.join(DATASET_TASKS)}{_closest(task['type'], DATASET_TASKS)}")
+    _check_dataset_strategy(cfg)
     if cfg.run_mode not in RUN_MODES:
         raise ConfigError(f"run_mode: '{cfg.run_mode}' is not one of {', '.join(RUN_MODES)}"
                           f"{_closest(cfg.run_mode, RUN_MODES)}")
@@ -196,6 +293,26 @@ def _fill(cfg: Config):
                           f"{', '.join(LR_SCHEDULES)}{_closest(lr.type, LR_SCHEDULES)}")
 
 
+def _check_dataset_strategy(cfg):
+    """parallel.dataset_strategy: one [data_parallel, 1, ...] entry per train_dataset.input_columns column (MindFormers'
+    rule); every rank then reads its own data-parallel slice of each column, as the trainer does."""
+    par = cfg.get("parallel")
+    ds = par.get("dataset_strategy") if isinstance(par, dict) else None
+    if ds is None or isinstance(ds, str):
+        return
+    cols = cfg.train_dataset.input_columns or []
+    if not isinstance(ds, list) or len(ds) != len(cols):
+        raise ConfigError(f"parallel.dataset_strategy has {len(ds) if isinstance(ds, list) else ds!r} entries but "
+                          f"train_dataset.input_columns has {len(cols)} ({', '.join(cols)}): one per column")
+    dp = cfg.parallel_config.data_parallel
+    for i, s in enumerate(ds):
+        if not isinstance(s, list) or not s or s[0] != dp or any(x != 1 for x in s[1:]):
+            raise ConfigError(f"parallel.dataset_strategy[{i}] ({cols[i]}) is {s!r}; expected [{dp}, 1] "
+                              f"(split by data_parallel {dp} on the batch dimension only)")
+
+
+CKPT_FORMATS = ("ckpt", "safetensors")
+DATASET_TASKS = ("CausalLanguageModelDataset",)
 RUN_MODES = ("train", "finetune", "eval", "predict", "chat", "plan")
 OPTIMIZERS = ("AdamW", "AdamWeightDecay", "FP32StateAdamWeightDecay", "adamw")
 LR_SCHEDULES = ("CosineWithWarmUpLR", "LinearWithWarmUpLR", "ConstantWarmUpLR", "constant", "cosine", "linear",

@@ -23,6 +23,7 @@ DATASET = {
         "train_on_prompt": False,
         "mask_history": False,
         "truncation": "proportional", # proportional (LLaMA-Factory) | cut (FastChat, MindFormers) | turn | drop
+        "enable_thinking": None,      # Qwen3's template switch: true | false | null (unset: the template's default)
         "rejects_file": "",
         "split": "train",
         "path": "",
@@ -30,7 +31,8 @@ DATASET = {
         "load_func": "",
         "handler": None,
     },
-    "input_columns": ["input_ids", "labels"],
+    "input_columns": ["input_ids", "labels"],   # HFDataLoader: any of input_ids, labels, loss_mask, position_ids,
+                                               # actual_seq_len, attention_mask (data/hf_loader.py MF_COLUMNS)
     "output_columns": None,
     "num_parallel_workers": 1,
     "python_multiprocessing": False,
@@ -53,7 +55,10 @@ SCHEMA = {
     "auto_trans_ckpt": False,
     "only_save_strategy": False,
     "resume_training": None,           # False | True | "checkpoint name"
-    "load_ckpt_format": "ckpt",
+    "load_ckpt_format": "ckpt",        # ckpt | safetensors: the form load_checkpoint files must have
+    "use_legacy": True,                # False: MindFormers 1.6+ configs (pretrained_model_dir, new model_config names)
+    "pretrained_model_dir": "",        # HF directory: architecture (config.json), tokenizer, and weights when
+                                       # load_checkpoint is empty
     "run_mode": "finetune",
     "use_parallel": False,
     "do_eval": False,
@@ -209,4 +214,71 @@ CALLBACKS = {
     "ObsMonitor": OPEN,
     "ProfileMonitor": OPEN,
     "TrainingStateMonitor": OPEN,
+}
+
+# `data_loader` sections of loaders other than MindDataset / SFTDataLoader. EXTRA: keys not listed here are
+# accepted unchecked (HFDataLoader passes them on to datasets.load_dataset / load_from_disk, as MindFormers does).
+EXTRA = "__extra__"
+HF_LOADER = {
+    EXTRA: True,
+    "type": "HFDataLoader",
+    "load_func": "load_dataset",      # load_dataset | load_from_disk
+    "path": "",                       # datasets path: "json", "parquet", a hub name, a local folder
+    "split": None,
+    "dataset_dir": "",                # --train_dataset_dir: a local file or folder (data_files / load_from_disk)
+    "shuffle": False,
+    "tokenizer": "",                  # tokenizer path; default: processor.tokenizer, then pretrained_model_dir
+    "handler": None,                  # list of {type: ...} steps (data/handlers.py)
+    "create_attention_mask": False,
+    "create_compressed_eod_mask": False,
+    "compressed_eod_mask_length": 128,
+    "use_broadcast_data": True,
+    "streaming": False,
+    "size": None,
+    "dataset_state_dir": None,
+    "save_step": None,
+    "resume_step": None,
+    "num_proc": None,                 # processes for the handlers' map (default: num_parallel_workers, <= CPUs)
+    "rejects_file": "",
+    "column_names": None,
+}
+MEGATRON_LOADER = {EXTRA: True, "type": "BlendedMegatronDatasetDataLoader"}   # parsed; refused when built
+LOADERS = {"HFDataLoader": HF_LOADER, "BlendedMegatronDatasetDataLoader": MEGATRON_LOADER}
+
+# MindFormers keys accepted and listed once at start as having no effect on a device without Ascend:
+# dotted key -> the value that does nothing anyway (not listed then); None: listed whenever set and truthy.
+NO_EFFECT_OFF_ASCEND = {
+    "context.max_device_memory": None, "context.memory_optimize_level": None, "context.jit_config": None,
+    "context.ascend_config": None, "context.enable_graph_kernel": None, "context.graph_kernel_flags": None,
+    "context.mempool_block_size": None, "context.save_graphs": None, "context.affinity_cpu_list": None,
+    "parallel.enable_alltoall": None, "parallel.strategy_ckpt_config": None,
+    "parallel.search_mode": None, "parallel_config.use_seq_parallel": None, "parallel_config.context_parallel": 1,
+    "parallel_config.expert_parallel": 1, "micro_batch_interleave_num": 1,
+    "recompute_config.select_recompute": None, "recompute_config.select_comm_recompute": None,
+    "recompute_config.parallel_optimizer_comm_recompute": None, "recompute_config.mp_comm_recompute": None,
+    "recompute_config.recompute_slice_activation": None,
+    "train_dataset.numa_enable": None, "train_dataset.prefetch_size": 1, "train_dataset.python_multiprocessing": None,
+    "train_dataset.data_loader.use_broadcast_data": None,
+    "model.model_config.use_flash_attention": None, "model.model_config.input_sliced_sig": None,
+    "model.model_config.fp32_residual_connection": None, "model.model_config.moe_grouped_gemm": None,
+}
+# MindFormers features accepted but not implemented here on any device (listed when set and truthy).
+NOT_ACTED_ON = {
+    "profile": None, "profile_communication": None, "init_start_profile": None,
+    "layer_scale": None, "auto_tune": None, "monitor_config": None, "print_separate_loss": None,
+    "remote_save_url": None, "swap_config": None,
+}
+
+# HFDataLoader `handler` steps by MindFormers' name: key -> default (data/handlers.py implements them).
+# OPEN: a datasets.Dataset method whose keyword arguments are checked against its signature when it runs.
+_SFT_HANDLER = {"seq_length": None, "padding": True, "tokenizer": None, "template": None, "map_keys": None,
+                "train_on_prompt": False, "mask_history": False, "truncation": None, "num_proc": None,
+                "batch_size": 256, "pad_token_id": None, "ignore_token_id": -100, "is_dynamic": False}
+HANDLERS = {
+    "AlpacaInstructDataHandler": dict(_SFT_HANDLER, alpaca_prompt="stanford"),
+    "ChatDataHandler": dict(_SFT_HANDLER, data_format="auto"),
+    "PackingHandler": {"seq_length": None, "pack_strategy": "pack", "pack_max_samples": None, "tokenizer": None,
+                       "pad_token_id": None, "ignore_token_id": -100},
+    "take": OPEN, "skip": OPEN, "select": OPEN, "shuffle": OPEN, "sort": OPEN, "flatten": OPEN,
+    "rename_column": OPEN, "rename_columns": OPEN, "remove_columns": OPEN, "select_columns": OPEN, "filter": OPEN,
 }
