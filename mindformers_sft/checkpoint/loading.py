@@ -34,14 +34,32 @@ def _training_rank_dir(path, rank):
     return None
 
 
-def read_hf_dir(path) -> dict:
-    """MindFormers-named arrays of a Hugging Face directory (single file or index + shards)."""
-    out = {}
+def _llama_state(arrays, files, config, source):
+    return {hf_to_mf(k, source=files[k]): v for k, v in arrays.items()}
+
+
+def _qwen3_state(arrays, files, config, source):
+    from ..convert import names_qwen3
+    names_qwen3.check_hf_state({k: v.shape for k, v in arrays.items()}, config, files, source)
+    return names_qwen3.hf_state_to_mf(arrays, config, source)
+
+
+# model_type -> (HF arrays, {HF name: file}, config, source) -> MindFormers-named arrays of that family's model
+HF_STATE_TO_MF = {"llama": _llama_state, "qwen2": _llama_state, "qwen3": _qwen3_state, "qwen3_moe": _qwen3_state}
+
+
+def read_hf_dir(path, config=None) -> dict:
+    """MindFormers-named arrays of a Hugging Face directory (single file or index + shards), in the layout of the
+    model `config` (models.config.LlamaConfig; default: the directory's config.json) describes."""
+    if config is None:
+        from ..models.config import LlamaConfig
+        config = LlamaConfig.from_hf_config(path)
+    arrays, files = {}, {}
     for fp in checkpoint_files(path):
         for name, arr in iter_file(fp):
             if not is_ignored_hf(name):
-                out[hf_to_mf(name, source=fp)] = arr
-    return out
+                arrays[name], files[name] = arr, fp
+    return HF_STATE_TO_MF[config.model_type](arrays, files, config, path)
 
 
 def read_file(path) -> dict:
@@ -87,13 +105,14 @@ def resolve(path: str, rank: int = 0, warn=print):
     return "file", os.path.join(rdir, entry["file"]), entry
 
 
-def read_weights(path: str, rank: int = 0, warn=print):
+def read_weights(path: str, rank: int = 0, warn=print, config=None):
     """-> (base, adapters, source) MindFormers-named arrays from any supported checkpoint form. An adapter-only
-    checkpoint brings in the base weights its meta.json records."""
+    checkpoint brings in the base weights its meta.json records. `config`: the model the weights are for (a HF
+    directory is converted to its layout, e.g. qkv_concat)."""
     kind, src, entry = resolve(path, rank, warn)
     if kind == "hf":
-        return read_hf_dir(src), {}, src
+        return read_hf_dir(src, config), {}, src
     base, adapters, _ = split(read_file(src))
     if adapters and not base and (entry or {}).get("base_checkpoint"):
-        base = read_weights(entry["base_checkpoint"], rank, warn)[0]
+        base = read_weights(entry["base_checkpoint"], rank, warn, config)[0]
     return base, adapters, src

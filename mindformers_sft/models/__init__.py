@@ -1,4 +1,5 @@
-"""Llama-family models: build, load numpy weights by MindFormers name, export, and load a HF directory."""
+"""Decoder families (Llama/Qwen2 in llama.py, Qwen3 in qwen3.py, Qwen3-MoE in qwen3_moe.py): build by
+model_type, load numpy weights by MindFormers name, export, and load a HF directory."""
 from __future__ import annotations
 
 from typing import Dict
@@ -9,15 +10,34 @@ from mindspore import Tensor
 
 from ..errors import CheckpointError
 from .config import LlamaConfig
-from .llama import KVCache, LlamaForCausalLM
+from .llama import CausalLM, KVCache, LlamaForCausalLM
 
-__all__ = ["LlamaConfig", "LlamaForCausalLM", "KVCache", "build_model", "load_state_dict", "state_dict_numpy",
-           "from_hf_dir"]
+__all__ = ["LlamaConfig", "LlamaForCausalLM", "CausalLM", "KVCache", "build_model", "model_class",
+           "load_state_dict", "state_dict_numpy", "from_hf_dir"]
+
+# model_type -> "module:Class" (imported on use); a new family adds one line here, its model file and its name map
+FAMILIES = {
+    "llama": "llama:LlamaForCausalLM",
+    "qwen2": "llama:LlamaForCausalLM",
+    "qwen3": "qwen3:Qwen3ForCausalLM",
+    "qwen3_moe": "qwen3_moe:Qwen3MoeForCausalLM",
+}
 
 
-def build_model(config: LlamaConfig) -> LlamaForCausalLM:
-    """A randomly initialised LlamaForCausalLM for `config`."""
-    return LlamaForCausalLM(config)
+def model_class(model_type: str):
+    """The CausalLM class of a model_type (config.MODEL_TYPES)."""
+    import importlib
+    if model_type not in FAMILIES:
+        from ..errors import ConfigError
+        raise ConfigError(f"model_config.model_type: '{model_type}' is not supported; expected one of "
+                          f"{sorted(FAMILIES)}")
+    module, cls = FAMILIES[model_type].split(":")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
+
+
+def build_model(config: LlamaConfig) -> CausalLM:
+    """A randomly initialised model of config.model_type's family."""
+    return model_class(config.model_type)(config)
 
 
 def _params(model) -> dict:
@@ -35,12 +55,13 @@ def load_state_dict(model, named_arrays: Dict[str, np.ndarray], strict: bool = T
     where = f"{source}: " if source else ""
     params = _params(model)
     arrays = dict(named_arrays)
-    if model.config.tie_word_embeddings and "lm_head.weight" in arrays and "lm_head.weight" not in params:
-        emb = params["model.tok_embeddings.embedding_weight"]
-        if tuple(arrays["lm_head.weight"].shape) != tuple(emb.shape):
-            raise CheckpointError(f"{where}tensor 'lm_head.weight': expected shape {tuple(emb.shape)} (tied to the "
-                                  f"embedding), found {tuple(arrays['lm_head.weight'].shape)}")
-        arrays.pop("lm_head.weight")
+    out_name, emb_name = model.OUTPUT_NAME, model.EMBEDDING_NAME
+    if model.config.tie_word_embeddings and out_name in arrays and out_name not in params:
+        emb = params[emb_name]
+        if tuple(arrays[out_name].shape) != tuple(emb.shape):
+            raise CheckpointError(f"{where}tensor '{out_name}': expected shape {tuple(emb.shape)} (tied to the "
+                                  f"embedding), found {tuple(arrays[out_name].shape)}")
+        arrays.pop(out_name)
     unexpected = sorted(set(arrays) - set(params))
     missing = sorted(set(params) - set(arrays))
     if strict and unexpected:
@@ -69,10 +90,11 @@ def state_dict_numpy(model) -> Dict[str, np.ndarray]:
     return out
 
 
-def from_hf_dir(path: str, **config_overrides) -> LlamaForCausalLM:
-    """Build from a Hugging Face directory: config.json plus its safetensors (single file or shards)."""
+def from_hf_dir(path: str, **config_overrides) -> CausalLM:
+    """Build from a Hugging Face directory: config.json plus its safetensors (single file or shards); the family
+    comes from config.json's model_type."""
     from ..checkpoint.loading import read_hf_dir
     config = LlamaConfig.from_hf_config(path, **config_overrides)
-    model = LlamaForCausalLM(config)
-    load_state_dict(model, read_hf_dir(path), strict=True, source=path)
+    model = build_model(config)
+    load_state_dict(model, read_hf_dir(path, config), strict=True, source=path)
     return model

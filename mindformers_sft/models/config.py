@@ -49,7 +49,20 @@ class LlamaConfig:
     eos_token_id: Any = 2                     # int or list of ints (Llama-3 instruct has several)
     pad_token_id: int = 0
     ignore_token_id: int = -100
-    model_type: str = "llama"                 # "llama" | "qwen2"
+    model_type: str = "llama"                 # "llama" | "qwen2" | "qwen3" | "qwen3_moe"
+    head_dim: Optional[int] = None            # None -> hidden_size // num_heads (Qwen3 sets it explicitly)
+    # Qwen3 / Qwen3-MoE (MindFormers 1.8 mcore layout; see models/qwen3.py). qkv_concat None -> True for qwen3*
+    qkv_concat: Optional[bool] = None         # fused linear_qkv + linear_fc1; False: linear_q/k/v, gating/hidden
+    use_contiguous_weight_layout_attention: bool = False   # linear_qkv rows [q; k; v] instead of per kv group
+    use_interleaved_weight_layout_mlp: bool = True         # linear_fc1 rows [g0, u0, g1, u1, ...] vs [gate; up]
+    num_experts: int = 0                      # > 0: Qwen3-MoE sparse layers
+    num_experts_per_tok: int = 8
+    moe_intermediate_size: Optional[int] = None
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list = field(default_factory=list)
+    norm_topk_prob: bool = False
+    router_aux_loss_coef: float = 0.001
+    output_router_logits: bool = False        # as transformers: the aux loss joins the training loss only if True
     compute_dtype: str = "float32"
     layernorm_compute_type: str = "float32"
     softmax_compute_type: str = "float32"
@@ -71,6 +84,11 @@ class LlamaConfig:
     extra: dict = field(default_factory=dict)  # accepted MindFormers keys we do not act on
 
     def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_heads if self.num_heads else None
+        if self.qkv_concat is None:
+            self.qkv_concat = self.is_qwen3
+        self.mlp_only_layers = list(self.mlp_only_layers or [])
         if self.n_kv_heads is None:
             self.n_kv_heads = self.num_heads
         if self.intermediate_size is None:
@@ -82,8 +100,14 @@ class LlamaConfig:
         self.validate()
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+    def is_qwen3(self) -> bool:
+        """Qwen3 / Qwen3-MoE: q/k RMSNorm, explicit head_dim, MindFormers mcore parameter names."""
+        return self.model_type in ("qwen3", "qwen3_moe")
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Layer i has a sparse MoE block (transformers' Qwen3MoeDecoderLayer rule)."""
+        return (self.model_type == "qwen3_moe" and i not in self.mlp_only_layers and self.num_experts > 0
+                and (i + 1) % self.decoder_sparse_step == 0)
 
     @property
     def eos_token_ids(self) -> list:
@@ -96,21 +120,46 @@ class LlamaConfig:
                 raise ConfigError(f"model_config.{name}: expected a positive integer, got {v!r}")
         for n in ("vocab_size", "hidden_size", "num_layers", "num_heads", "n_kv_heads", "intermediate_size"):
             pos(n)
-        if self.hidden_size % self.num_heads:
+        if self.is_qwen3:
+            pos("head_dim")
+        if self.model_type == "qwen3_moe":
+            self._validate_moe()
+        if self.hidden_size % self.num_heads and not self.is_qwen3:
             raise ConfigError(f"model_config.hidden_size ({self.hidden_size}) must divide by num_heads "
                               f"({self.num_heads})")
         if self.num_heads % self.n_kv_heads:
             raise ConfigError(f"model_config.num_heads ({self.num_heads}) must divide by n_kv_heads "
                               f"({self.n_kv_heads})")
-        if self.model_type not in ("llama", "qwen2"):
-            raise ConfigError(f"model_config.model_type: '{self.model_type}' is not supported; "
-                              "expected 'llama' (Llama-2/3) or 'qwen2' (Qwen2/Qwen2.5)")
+        if self.model_type not in MODEL_TYPES:
+            raise ConfigError(f"model_config.model_type: '{self.model_type}' is not supported; expected 'llama' "
+                              "(Llama-2/3), 'qwen2' (Qwen2/Qwen2.5), 'qwen3' or 'qwen3_moe'")
+
+    def _validate_moe(self):
+        if not isinstance(self.num_experts, int) or self.num_experts <= 0:
+            raise ConfigError(f"model_config.num_experts: expected a positive integer for qwen3_moe, "
+                              f"got {self.num_experts!r}")
+        if not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ConfigError(f"model_config.num_experts_per_tok: expected 1..num_experts ({self.num_experts}), "
+                              f"got {self.num_experts_per_tok!r}")
+        if not isinstance(self.moe_intermediate_size, int) or self.moe_intermediate_size <= 0:
+            raise ConfigError(f"model_config.moe_intermediate_size: expected a positive integer, "
+                              f"got {self.moe_intermediate_size!r}")
+        if not isinstance(self.decoder_sparse_step, int) or self.decoder_sparse_step <= 0:
+            raise ConfigError(f"model_config.decoder_sparse_step: expected a positive integer, "
+                              f"got {self.decoder_sparse_step!r}")
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "model.model_config") -> "LlamaConfig":
         """Build from a MindFormers `model_config` mapping; unknown keys are errors naming the closest key."""
         d = dict(d)
         d.pop("type", None)  # "LlamaConfig"
+        for alias, name in KEY_ALIASES.items():   # MindFormers 1.8 YAMLs use the HF names
+            if alias in d:
+                if name in d and d[name] != d[alias]:
+                    raise ConfigError(f"{where}: '{alias}' ({d[alias]!r}) and '{name}' ({d[name]!r}) disagree")
+                d[name] = d.pop(alias)
+        if d.get("hidden_act", "silu") not in ("silu", "swiglu"):
+            raise ConfigError(f"{where}.hidden_act: '{d['hidden_act']}' is not supported; expected 'silu'")
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         extra = {}
         for k in list(d):
@@ -170,16 +219,26 @@ class LlamaConfig:
             pad_token_id=hf.get("pad_token_id") if hf.get("pad_token_id") is not None else 0,
             initializer_range=hf.get("initializer_range", 0.02),
         )
-        if hf.get("head_dim") not in (None, hf["hidden_size"] // hf["num_attention_heads"]):
+        if HF_MODEL_TYPES[mt] in ("qwen3", "qwen3_moe"):
+            kw.update(head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+                      qkv_has_bias=bool(hf.get("attention_bias", False)))
+            if mt == "qwen3_moe":
+                for req in ("num_experts", "moe_intermediate_size"):
+                    if req not in hf:
+                        raise ConfigError(f"{src}: missing key '{req}' (model_type qwen3_moe)")
+                kw.update({k: hf[k] for k in ("num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                                              "decoder_sparse_step", "mlp_only_layers", "norm_topk_prob",
+                                              "router_aux_loss_coef", "output_router_logits") if k in hf})
+        elif hf.get("head_dim") not in (None, hf["hidden_size"] // hf["num_attention_heads"]):
             raise ConfigError(f"{src}: head_dim {hf['head_dim']} != hidden_size/num_attention_heads is not supported")
         kw.update(overrides)
         return cls(**kw)
 
     def to_hf_config(self) -> dict:
-        """The Hugging Face config.json for this model (LlamaForCausalLM or Qwen2ForCausalLM)."""
+        """The Hugging Face config.json for this model (Llama, Qwen2, Qwen3 or Qwen3Moe ForCausalLM)."""
         qwen = self.model_type == "qwen2"
         d = {
-            "architectures": ["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"],
+            "architectures": [HF_ARCHITECTURES[self.model_type]],
             "model_type": self.model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -198,7 +257,16 @@ class LlamaConfig:
             "initializer_range": self.initializer_range,
             "torch_dtype": self.param_init_type,
         }
-        if not qwen:
+        if self.is_qwen3:
+            d.update(head_dim=self.head_dim, attention_bias=self.qkv_has_bias, use_sliding_window=False,
+                     pad_token_id=self.pad_token_id)
+            if self.model_type == "qwen3_moe":
+                d.update(num_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
+                         moe_intermediate_size=self.moe_intermediate_size,
+                         decoder_sparse_step=self.decoder_sparse_step, mlp_only_layers=list(self.mlp_only_layers),
+                         norm_topk_prob=self.norm_topk_prob, router_aux_loss_coef=self.router_aux_loss_coef,
+                         output_router_logits=self.output_router_logits)
+        elif not qwen:
             d["attention_bias"] = self.qkv_has_bias
             d["mlp_bias"] = False
             d["pad_token_id"] = self.pad_token_id
@@ -221,7 +289,17 @@ def derive_intermediate_size(hidden_size: int, multiple_of: int = 256, ffn_dim_m
     return multiple_of * ((h + multiple_of - 1) // multiple_of)
 
 
-HF_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2"}
+MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe")
+HF_MODEL_TYPES = {t: t for t in MODEL_TYPES}
+HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                    "qwen3_moe": "Qwen3MoeForCausalLM"}
+# HF config.json names (MindFormers 1.8 YAMLs use them) -> our model_config names
+KEY_ALIASES = {
+    "num_hidden_layers": "num_layers", "num_attention_heads": "num_heads", "num_key_value_heads": "n_kv_heads",
+    "rope_theta": "theta", "max_position_embeddings": "max_position_embedding", "attention_bias": "qkv_has_bias",
+    "params_dtype": "param_init_type", "softmax_compute_dtype": "softmax_compute_type",
+    "layernorm_compute_dtype": "layernorm_compute_type",
+}
 
 # MindFormers model_config keys that are accepted (so its YAMLs load) but have no effect here.
 MINDFORMERS_IGNORED_KEYS = {
@@ -232,5 +310,11 @@ MINDFORMERS_IGNORED_KEYS = {
     "output_scores", "pp_interleave_num", "init_method_std", "use_flash_attention_v2", "input_sliced_sig",
     "recompute", "qkv_has_bias_", "auto_map", "residual_dtype", "start_stage", "stage_num", "use_fused_rope",
     "use_fused_swiglu", "use_rmsnorm", "embedding_init_type", "post_process", "lm_head_dtype",
+    # MindFormers 1.8 (mcore) Qwen3 / Qwen3-MoE YAML keys without effect here
+    "hidden_act", "hidden_dropout", "attention_dropout", "untie_embeddings_and_output_weights",
+    "position_embedding_type", "fp32_residual_connection", "qk_layernorm", "architectures", "use_cache",
+    "add_bias_linear", "moe_grouped_gemm", "router_dense_type", "gated_linear_unit", "moe_router_pre_softmax",
+    "moe_token_drop_policy", "routed_scaling_factor", "moe_aux_loss_coeff", "moe_router_load_balancing_type",
+    "use_sliding_window", "sliding_window", "max_window_layers", "layer_types", "normalization",
 }
 MINDFORMERS_IGNORED_KEYS -= {f.name for f in dataclasses.fields(LlamaConfig)}

@@ -100,19 +100,24 @@ class Linear(nn.Cell):
 
 
 class Embedding(nn.Cell):
-    def __init__(self, vocab_size, hidden_size, param_dtype, compute_dtype, init_std, fused):
+    def __init__(self, vocab_size, hidden_size, param_dtype, compute_dtype, init_std, fused,
+                 param_name="embedding_weight"):
         super().__init__()
         self.compute_dtype = compute_dtype
         # MindSpore's CPU Gather has no bf16 kernel: cast the table first there
         self.cast_first = (not fused) and param_dtype == ms.bfloat16
-        self.embedding_weight = Parameter(initializer(Normal(init_std), (vocab_size, hidden_size), param_dtype),
-                                          name="embedding_weight")
+        # param_name: the attribute (= checkpoint name) of the table; a subclass naming it otherwise overrides table()
+        setattr(self, param_name, Parameter(initializer(Normal(init_std), (vocab_size, hidden_size), param_dtype),
+                                            name=param_name))
         self.gather = ops.Gather()
+
+    def table(self):
+        return self.embedding_weight
 
     def construct(self, input_ids):
         if self.cast_first:
-            return self.gather(_cast(self.embedding_weight, self.compute_dtype), input_ids, 0)
-        return _cast(self.gather(self.embedding_weight, input_ids, 0), self.compute_dtype)
+            return self.gather(_cast(self.table(), self.compute_dtype), input_ids, 0)
+        return _cast(self.gather(self.table(), input_ids, 0), self.compute_dtype)
 
 
 class RMSNorm(nn.Cell):
@@ -129,44 +134,59 @@ class RMSNorm(nn.Cell):
 
 
 class Attention(nn.Cell):
+    """Grouped-query attention with rotary embedding; a family changes `_project` (x -> q, k, v) and `_out`."""
+
     def __init__(self, cfg: LlamaConfig, fused: bool):
         super().__init__()
+        self._setup(cfg, fused)
         pd, cd, std = MS_DTYPES[cfg.param_init_type], MS_DTYPES[cfg.compute_dtype], cfg.initializer_range
-        self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.n_kv_heads, cfg.head_dim
-        self.scale, self.fused = 1.0 / math.sqrt(cfg.head_dim), fused
-        self.scale_t = Tensor(np.array([self.scale], np.float32))   # for kernels.cpu_attention
         h, kvh = cfg.hidden_size, cfg.n_kv_heads * cfg.head_dim
         self.wq = Linear(h, h, cfg.qkv_has_bias, pd, cd, std)
         self.wk = Linear(h, kvh, cfg.qkv_has_bias, pd, cd, std)
         self.wv = Linear(h, kvh, cfg.qkv_has_bias, pd, cd, std)
         self.wo = Linear(h, h, False, pd, cd, std)
 
+    def _setup(self, cfg: LlamaConfig, fused: bool):
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.n_kv_heads, cfg.head_dim
+        self.scale, self.fused = 1.0 / math.sqrt(cfg.head_dim), fused
+        self.scale_t = Tensor(np.array([self.scale], np.float32))   # for kernels.cpu_attention
+
+    def _project(self, x):
+        """x (B, S, H) -> q (B, S, Nq, D), k, v (B, S, Nkv, D), before the rotary embedding."""
+        b, s, _ = x.shape
+        return (ops.reshape(self.wq(x), (b, s, self.n_heads, self.head_dim)),
+                ops.reshape(self.wk(x), (b, s, self.n_kv, self.head_dim)),
+                ops.reshape(self.wv(x), (b, s, self.n_kv, self.head_dim)))
+
+    def _out(self, o):
+        return self.wo(o)
+
     def construct(self, x, cos, sin, mask, past_k=None, past_v=None):
         """x (B, S, H) -> (out (B, S, H), k, v) with k, v (B, Nkv, T, D) including past_k/past_v if given.
 
-        With `mask` a tuple (the visibility spec of LlamaForCausalLM._attention_mask, fused CPU kernel; cos/sin
+        With `mask` a tuple (the visibility spec of CausalLM._attention_mask, fused CPU kernel; cos/sin
         (B, S, D)), there is no cache: k and v are returned as None.
         """
         b, s, _ = x.shape
+        q, k, v = self._project(x)
         if isinstance(mask, tuple):
-            q = ops.reshape(self.wq(x), (b, s, self.n_heads, self.head_dim))
-            k = ops.reshape(self.wk(x), (b, s, self.n_kv, self.head_dim))
-            v = ops.reshape(self.wv(x), (b, s, self.n_kv, self.head_dim))
             o = kernels.cpu_attention(q, k, v, cos, sin, mask, self.scale_t)
-            return self.wo(ops.reshape(o, (b, s, self.n_heads * self.head_dim))), None, None
-        q = ops.transpose(ops.reshape(self.wq(x), (b, s, self.n_heads, self.head_dim)), (0, 2, 1, 3))
-        k = ops.transpose(ops.reshape(self.wk(x), (b, s, self.n_kv, self.head_dim)), (0, 2, 1, 3))
-        v = ops.transpose(ops.reshape(self.wv(x), (b, s, self.n_kv, self.head_dim)), (0, 2, 1, 3))
+            return self._out(ops.reshape(o, (b, s, self.n_heads * self.head_dim))), None, None
+        q = ops.transpose(q, (0, 2, 1, 3))
+        k = ops.transpose(k, (0, 2, 1, 3))
+        v = ops.transpose(v, (0, 2, 1, 3))
         q, k = kernels.apply_rope(q, k, cos, sin, self.fused)
         if past_k is not None:
             k = ops.cat((past_k, k), 2)
             v = ops.cat((past_v, v), 2)
         o = kernels.attention(q, k, v, mask, self.scale, self.fused)
         o = ops.reshape(ops.transpose(o, (0, 2, 1, 3)), (b, s, self.n_heads * self.head_dim))
-        return self.wo(o), k, v
+        return self._out(o), k, v
 
 
 class FeedForward(nn.Cell):
+    """SwiGLU MLP; a family changes `_gate_up` (x -> gate, up) and `_down`."""
+
     def __init__(self, cfg: LlamaConfig, fused: bool, cpu_kernel=False):
         super().__init__()
         pd, cd, std = MS_DTYPES[cfg.param_init_type], MS_DTYPES[cfg.compute_dtype], cfg.initializer_range
@@ -175,11 +195,17 @@ class FeedForward(nn.Cell):
         self.w2 = Linear(cfg.intermediate_size, cfg.hidden_size, False, pd, cd, std)  # down
         self.w3 = Linear(cfg.hidden_size, cfg.intermediate_size, False, pd, cd, std)  # up
 
+    def _gate_up(self, x):
+        return self.w1(x), self.w3(x)
+
+    def _down(self, y):
+        return self.w2(y)
+
     def construct(self, x):
-        gate, up = self.w1(x), self.w3(x)
+        gate, up = self._gate_up(x)
         if self.cpu_kernel and gate.dtype == ms.float32:
-            return self.w2(kernels.cpu_swiglu(gate, up))
-        return self.w2(kernels.swiglu(gate, up, self.fused))
+            return self._down(kernels.cpu_swiglu(gate, up))
+        return self._down(kernels.swiglu(gate, up, self.fused))
 
 
 class DecoderLayer(nn.Cell):
@@ -245,8 +271,11 @@ class KVCache:
         self.layers, self.length = layers, length
 
 
-class LlamaForCausalLM(nn.Cell):
-    """Llama / Qwen2 causal LM.
+class CausalLM(nn.Cell):
+    """What every decoder family shares: the MindFormers-style (B, S+1) loss interface, masks, the logits head and
+    KV-cache inference. A family implements `_decoder(tokens, position_ids, mask)` -> hidden (B, S, H),
+    `_decoder_with_cache(tokens, position_ids, mask, past)` -> (hidden, presents), `_embedding_table()` and
+    `_output(h)` (the untied output layer).
 
     Training / eval (graph-mode safe):
       construct(input_ids, labels=None, position_ids=None, segment_ids=None) -> mean token loss (fp32 scalar)
@@ -261,8 +290,9 @@ class LlamaForCausalLM(nn.Cell):
     Inference with a KV cache (PyNative):
       prefill(input_ids) -> (logits of the last position (B, vocab) fp32, KVCache)
       decode_step(token_ids (B,) or (B, 1), cache) -> (logits (B, vocab) fp32, KVCache)
-      forward_with_cache(input_ids (B, s), cache or None) -> (logits (B, s, vocab) fp32, KVCache)
-      Prompts in a batch must have equal length (no left padding).
+      forward_with_cache(input_ids (B, s), cache or None, key_mask=None, position_ids=None)
+        -> (logits (B, s, vocab) fp32, KVCache)
+      Prompts in a batch must have equal length, unless left-padded with key_mask and position_ids (engine.py).
     """
 
     def __init__(self, config: LlamaConfig):
@@ -277,21 +307,17 @@ class LlamaForCausalLM(nn.Cell):
         # our fused CPU kernels (attention with rotary embedding, RMSNorm, SwiGLU, cross entropy; kernels.py):
         # CPU, fp32 compute, library built
         self.cpu_kernel = (not self.fused) and self.compute_dtype == ms.float32 and kernels.cpu_kernels()
-        self.model = LlamaModel(config, self.fused, self.cpu_kernel)
         self.tie = config.tie_word_embeddings
-        if not self.tie:
-            self.lm_head = Linear(config.hidden_size, config.vocab_size, False, MS_DTYPES[config.param_init_type],
-                                  self.compute_dtype, config.initializer_range)
         self.head_matmul = ops.MatMul(transpose_b=True)
 
     def _head(self, h):
         """Hidden (B, S, H) -> fp32 logits (B, S, V)."""
         if self.tie:
             b, s, hd = h.shape
-            w = _cast(self.model.tok_embeddings.embedding_weight, self.compute_dtype)
+            w = _cast(self._embedding_table(), self.compute_dtype)
             y = ops.reshape(self.head_matmul(ops.reshape(h, (-1, hd)), w), (b, s, -1))
         else:
-            y = self.lm_head(h)
+            y = self._output(h)
         return _cast(y, ms.float32)
 
     def _attention_mask(self, b, s, segment_ids):
@@ -305,16 +331,20 @@ class LlamaForCausalLM(nn.Cell):
         mask = ops.broadcast_to(make_mask(index, index, segment_ids, segment_ids), (b, 1, s, s))
         return mask if self.fused else kernels.attention_bias(mask)
 
-    def logits(self, input_ids, position_ids=None, segment_ids=None):
+    def _inputs(self, input_ids, position_ids, segment_ids):
+        """(position_ids, attention mask) for tokens (B, S)."""
         b, s = input_ids.shape
         if position_ids is None:
             position_ids = ops.broadcast_to(ops.expand_dims(ops.arange(s, dtype=ms.int32), 0), (b, s))
-        return self._head(self.model(input_ids, position_ids, self._attention_mask(b, s, segment_ids)))
+        return position_ids, self._attention_mask(b, s, segment_ids)
 
-    def loss_sum_and_count(self, input_ids, labels=None, position_ids=None, segment_ids=None):
-        tokens = input_ids[:, :-1]
-        targets = labels[:, 1:] if labels is not None else input_ids[:, 1:]
-        logits = self.logits(tokens, position_ids, segment_ids)
+    def logits(self, input_ids, position_ids=None, segment_ids=None):
+        position_ids, mask = self._inputs(input_ids, position_ids, segment_ids)
+        return self._head(self._decoder(input_ids, position_ids, mask))
+
+    def _ce_sum_and_count(self, h, targets):
+        """(sum of token cross-entropies, count of supervised targets) of hidden h (B, S, H) vs targets (B, S)."""
+        logits = self._head(h)
         vocab = logits.shape[-1]
         logits = ops.reshape(logits, (-1, vocab))
         targets = ops.cast(ops.reshape(targets, (-1,)), ms.int32)
@@ -323,21 +353,36 @@ class LlamaForCausalLM(nn.Cell):
         validf = ops.cast(valid, ms.float32)
         return ops.sum(kernels.cross_entropy(logits, safe, self.cpu_kernel) * validf), ops.sum(validf)
 
+    def loss_sum_and_count(self, input_ids, labels=None, position_ids=None, segment_ids=None):
+        tokens = input_ids[:, :-1]
+        targets = labels[:, 1:] if labels is not None else input_ids[:, 1:]
+        position_ids, mask = self._inputs(tokens, position_ids, segment_ids)
+        return self._ce_sum_and_count(self._decoder(tokens, position_ids, mask), targets)
+
     def construct(self, input_ids, labels=None, position_ids=None, segment_ids=None):
         loss_sum, count = self.loss_sum_and_count(input_ids, labels, position_ids, segment_ids)
         return loss_sum / ops.maximum(count, 1.0)
 
     # ---- KV-cache inference (PyNative) ----
-    def forward_with_cache(self, input_ids, cache: Optional[KVCache] = None):
+    def forward_with_cache(self, input_ids, cache: Optional[KVCache] = None, key_mask=None, position_ids=None):
+        """key_mask: bool (B, cache length + s), False at (left-)padding keys, which no query sees;
+        position_ids: int (B, s) rotary positions per row (default: cache length + arange(s))."""
         input_ids = Tensor(np.asarray(input_ids, dtype=np.int32)) if not isinstance(input_ids, Tensor) else input_ids
         b, s = input_ids.shape
         start = cache.length if cache is not None else 0
         q_index = ops.arange(start, start + s, dtype=ms.int32)
         k_index = ops.arange(0, start + s, dtype=ms.int32)
         mask = ops.broadcast_to(make_mask(q_index, k_index), (b, 1, s, start + s))
-        position_ids = ops.broadcast_to(ops.expand_dims(q_index, 0), (b, s))
-        h, presents = self.model.forward_with_cache(input_ids, position_ids, mask,
-                                                    cache.layers if cache is not None else None)
+        if key_mask is not None:
+            keys = Tensor(np.asarray(key_mask, dtype=np.bool_)) if not isinstance(key_mask, Tensor) else key_mask
+            mask = ops.logical_and(mask, ops.reshape(keys, (b, 1, 1, start + s)))
+        if position_ids is not None:
+            position_ids = (Tensor(np.asarray(position_ids, dtype=np.int32)) if not isinstance(position_ids, Tensor)
+                            else position_ids)
+        else:
+            position_ids = ops.broadcast_to(ops.expand_dims(q_index, 0), (b, s))
+        h, presents = self._decoder_with_cache(input_ids, position_ids, mask,
+                                               cache.layers if cache is not None else None)
         return self._head(h), KVCache(presents, start + s)
 
     def prefill(self, input_ids):
@@ -348,3 +393,30 @@ class LlamaForCausalLM(nn.Cell):
         ids = np.asarray(token_ids.asnumpy() if isinstance(token_ids, Tensor) else token_ids, dtype=np.int32)
         logits, cache = self.forward_with_cache(ids.reshape(-1, 1), cache)
         return logits[:, -1], cache
+
+
+class LlamaForCausalLM(CausalLM):
+    """Llama / Qwen2 causal LM (interface: CausalLM)."""
+    EMBEDDING_NAME, OUTPUT_NAME = "model.tok_embeddings.embedding_weight", "lm_head.weight"
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__(config)
+        self.model = LlamaModel(config, self.fused, self.cpu_kernel)
+        if not self.tie:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, False, MS_DTYPES[config.param_init_type],
+                                  self.compute_dtype, config.initializer_range)
+
+    def decoder_layers(self):
+        return list(self.model.layers)
+
+    def _embedding_table(self):
+        return self.model.tok_embeddings.embedding_weight
+
+    def _output(self, h):
+        return self.lm_head(h)
+
+    def _decoder(self, tokens, position_ids, mask):
+        return self.model(tokens, position_ids, mask)
+
+    def _decoder_with_cache(self, tokens, position_ids, mask, past):
+        return self.model.forward_with_cache(tokens, position_ids, mask, past)
