@@ -253,9 +253,9 @@ def _reversed(args, inp, outp) -> ConvertResult:
     if os.path.isdir(inp) and _training_rank_dir(inp, 0) is not None or os.path.isfile(inp):
         _, inp, entry = resolve(inp, warn=lambda m: print(m, file=sys.stderr))
     from ..checkpoint.loading import OPT_PREFIXES
-    if os.path.isfile(inp) and any(k.endswith((".lora_a", ".lora_b")) and not k.startswith(OPT_PREFIXES)
+    from .lora_export import EXPERT_LORA_SUFFIXES, LORA_SUFFIXES, export_lora
+    if os.path.isfile(inp) and any(k.endswith(LORA_SUFFIXES + EXPERT_LORA_SUFFIXES) and not k.startswith(OPT_PREFIXES)
                                    for k in file_infos(inp)):
-        from .lora_export import export_lora
         res = export_lora(inp, outp, args.peft_path, args.config, args.base_path, args.dtype, args.max_shard_size)
         files = checkpoint_files(res["output_path"])
         return ConvertResult(res["merged_layers"], sum(os.path.getsize(f) for f in files), res["output_path"],

@@ -94,6 +94,15 @@ def qwen3_layout(cfg, fused: bool = True) -> Layout:
         else:
             for n, s in zip(qkv, qkv_shapes):
                 one(n, nq.hf_to_mf(n), s)
+        if cfg.qkv_has_bias:     # attention_bias: true (not in released Qwen3 models)
+            qkv_b = [n[: -len("weight")] + "bias" for n in qkv]
+            if fused:
+                concat(qkv_b, M + "self_attention.linear_qkv.bias", [(s[0],) for s in qkv_shapes],
+                       ((nh + 2 * nkv) * d,), lambda a: [nq.qkv_concat(*a, nh, nkv, d, contiguous)],
+                       lambda a: nq.qkv_split(a[0], nh, nkv, d, contiguous))
+            else:
+                for n, s in zip(qkv_b, qkv_shapes):
+                    one(n, nq.hf_to_mf(n[: -len("bias")] + "weight")[: -len("weight")] + "bias", (s[0],))
         one(H + "self_attn.o_proj.weight", M + "self_attention.linear_proj.weight", (h, nh * d))
         one(H + "self_attn.q_norm.weight", M + "self_attention.q_layernorm.weight", (d,))
         one(H + "self_attn.k_norm.weight", M + "self_attention.k_layernorm.weight", (d,))
