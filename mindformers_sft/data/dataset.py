@@ -100,7 +100,7 @@ class OnlineSFTDataset(ArrayDataset):
                  map_keys=None, pack=False, train_on_prompt: bool = False, mask_history: bool = False,
                  truncation: str = DEFAULT_TRUNCATION, rejects_file: str = "", alpaca_prompt: str = "stanford",
                  pack_max_samples: Optional[int] = None, num_workers: int = 0, chunk_records: int = 512,
-                 verbose: bool = True):
+                 verbose: bool = True, enable_thinking: Optional[bool] = None):
         if isinstance(tokenizer, str):
             from ..tokenizer import load_tokenizer
             tokenizer = load_tokenizer(tokenizer)
@@ -109,7 +109,7 @@ class OnlineSFTDataset(ArrayDataset):
                                   map_keys=map_keys, alpaca_prompt=alpaca_prompt, train_on_prompt=train_on_prompt,
                                   mask_history=mask_history, truncation=truncation, pack=pack,
                                   pack_max_samples=pack_max_samples, num_workers=num_workers,
-                                  chunk_records=chunk_records)
+                                  chunk_records=chunk_records, enable_thinking=enable_thinking)
         self.stats = Stats()
         ids, labels, asl = [], [], []
         with RejectLog(rejects_file or None, self.stats) as log:
@@ -141,6 +141,9 @@ def build_dataset(section: dict, tokenizer_path: str = "", seq_length: Optional[
     dl = section.get("data_loader") or {}
     kind = dl.get("type", "MindDataset")
     seq = section.get("seq_length") or seq_length
+    if kind in ("HFDataLoader", "BlendedMegatronDatasetDataLoader"):
+        from .hf_loader import build_hf_dataset, refuse_loader
+        return build_hf_dataset(section, tokenizer_path, seq) if kind == "HFDataLoader" else refuse_loader(kind)
     path = dl.get("dataset_dir") or dl.get("data_files") or dl.get("path")
     if not path:
         raise ConfigError(f"train_dataset.data_loader.dataset_dir is empty; expected a "
@@ -159,6 +162,7 @@ def build_dataset(section: dict, tokenizer_path: str = "", seq_length: Optional[
             train_on_prompt=bool(dl.get("train_on_prompt", False)), mask_history=bool(dl.get("mask_history", False)),
             truncation=dl.get("truncation") or DEFAULT_TRUNCATION, rejects_file=dl.get("rejects_file", ""),
             alpaca_prompt=dl.get("alpaca_prompt", "stanford"), pack_max_samples=dl.get("pack_max_samples"),
-            num_workers=int(dl.get("num_workers", 0) or 0)), dl.get("split"))
+            num_workers=int(dl.get("num_workers", 0) or 0), enable_thinking=dl.get("enable_thinking")),
+            dl.get("split"))
     raise ConfigError(f"train_dataset.data_loader.type {kind!r} is not supported; expected MindDataset (MindRecord) "
                       "or SFTDataLoader (raw json/jsonl/parquet/csv, tokenized online)")
