@@ -1,0 +1,180 @@
+"""MoE fine-tuning throughput against transformers' Qwen3MoeForCausalLM on this CPU, side by side in one script.
+
+Config (small, not a toy): hidden 256, 4 layers (heads 4, kv heads 2, head_dim 64), 8 experts top-2,
+moe_intermediate 256, vocab 32000, seq 512, batch 4, fp32, router aux loss on (coef 0.001, as transformers with
+output_router_logits). Same init (the transformers model is saved and loaded by ours with from_hf_dir), same
+batches (random token ids, fixed seed), same full fine-tuning with AdamW (lr 1e-4, weight decay 0.01, clip 1.0),
+same thread count. Prints tokens/s of each and the ratio (ours / reference), then the same for dense Qwen3
+(intermediate 512 = top-2 x 256, the same active expert flops per token).
+
+    .venv/bin/python bench/bench_moe.py [--steps 8] [--warmup 2] [--quick] [--block]
+
+--quick: seq 128, 3 timed steps (a smoke run). --block: the MoE block alone (forward + backward of
+models/moe.py's MoEBlock vs Qwen3MoeSparseMoeBlock on batch x seq tokens), also with the basic-op fallback.
+MFSFT_CPU_KERNELS=0 measures ours without the fused CPU kernels.
+"""
+import argparse
+import os
+import sys
+import tempfile
+import time
+import types
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+COMMON = dict(vocab_size=32000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+              head_dim=64, max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False)
+MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=256, norm_topk_prob=True,
+           decoder_sparse_step=1, mlp_only_layers=[], output_router_logits=True, router_aux_loss_coef=0.001,
+           intermediate_size=512)
+
+
+def hf_model(moe: bool):
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+    torch.manual_seed(0)
+    if moe:
+        return Qwen3MoeForCausalLM(Qwen3MoeConfig(**COMMON, **MOE)).float()
+    return Qwen3ForCausalLM(Qwen3Config(**COMMON, intermediate_size=512)).float()
+
+
+def batches(batch, seq, n):
+    rs = np.random.RandomState(0)
+    return [rs.randint(0, COMMON["vocab_size"], (batch, seq + 1)).astype(np.int32) for _ in range(n)]
+
+
+def reference(model, data, warmup, lr):
+    import torch
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+
+    def step(ids):
+        opt.zero_grad()
+        t = torch.from_numpy(ids).long()
+        loss = model(input_ids=t[:, :-1], labels=t[:, :-1]).loss   # HF shifts labels inside
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        return loss.item()
+    for ids in data[:warmup]:
+        step(ids)
+    t0 = time.perf_counter()
+    losses = [step(ids) for ids in data[warmup:]]
+    return (len(data) - warmup) / (time.perf_counter() - t0), losses
+
+
+def ours(hf_dir, data, warmup, lr):
+    import mindspore as ms
+    ms.set_device("CPU")
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    ms.runtime.launch_blocking()
+    from mindformers_sft.models import from_hf_dir
+    from mindformers_sft.trainer.optimizer import AdamW
+    from mindformers_sft.trainer.step import TrainStep
+    model = from_hf_dir(hf_dir)
+    step = TrainStep(model, AdamW(model.trainable_params(), weight_decay=0.01), 1.0, None, jit=True)
+    for ids in data[:warmup]:
+        step([{"input_ids": ids, "labels": ids}], lr)
+    t0 = time.perf_counter()
+    losses = [step([{"input_ids": ids, "labels": ids}], lr).loss for ids in data[warmup:]]
+    return (len(data) - warmup) / (time.perf_counter() - t0), losses, getattr(model, "cpu_kernel", None)
+
+
+def compare(name, moe, data, a, lr=1e-4):
+    import torch
+    ref = hf_model(moe)
+    with tempfile.TemporaryDirectory() as d:
+        ref.save_pretrained(d, safe_serialization=True)
+        ref_sps, ref_l = reference(ref, data, a.warmup, lr)
+        del ref
+        our_sps, our_l, kern = ours(d, data, a.warmup, lr)
+    tok = data[0].shape[0] * (data[0].shape[1] - 1)
+    print(f"{name}: batch {data[0].shape[0]} x seq {data[0].shape[1] - 1}, {len(data) - a.warmup} timed steps after "
+          f"{a.warmup} warm-up, {torch.get_num_threads()} torch threads")
+    print(f"  transformers+torch AdamW: {ref_sps * tok:8.0f} tokens/s  (first loss {ref_l[0]:.4f})")
+    print(f"  mindformers_sft:          {our_sps * tok:8.0f} tokens/s  (first loss {our_l[0]:.4f}; fused CPU kernels "
+          f"{'on' if kern else 'off'})")
+    print(f"  speed ratio (ours / reference): {our_sps / ref_sps:.2f}x")
+
+
+def block(a):
+    """MoE block alone: forward + backward (input, router and expert gradients) per second."""
+    import torch
+    import mindspore as ms
+    from mindspore import Tensor
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+    from mindformers_sft.models import kernels
+    from mindformers_sft.models.moe import MoEBlock, stack_experts
+    ms.set_device("CPU")
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    torch.manual_seed(0)
+    ref = Qwen3MoeSparseMoeBlock(Qwen3MoeConfig(hidden_size=256, moe_intermediate_size=256, num_experts=8,
+                                                num_experts_per_tok=2, norm_topk_prob=True))
+    x = np.random.RandomState(0).randn(a.batch, a.seq, 256).astype(np.float32)
+    xt = torch.from_numpy(x).requires_grad_(True)
+
+    def ref_step():
+        y, logits = ref(xt)
+        (y.square().sum() + logits.sum()).backward()
+    cfg = types.SimpleNamespace(hidden_size=256, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=256,
+                                norm_topk_prob=True)
+    w1, w2 = stack_experts(*([getattr(m, n).weight.detach().numpy() for m in ref.experts]
+                             for n in ("gate_proj", "up_proj", "down_proj")))
+
+    def our_fn(kernel):
+        blk = MoEBlock(cfg, False, kernel)
+        blk.router.weight.set_data(Tensor(ref.gate.weight.detach().numpy()))
+        blk.experts.weight1.set_data(Tensor(w1))
+        blk.experts.weight2.set_data(Tensor(w2))
+
+        def loss(xx):
+            y, logits = blk(xx)
+            return ops_sum(y * y) + ops_sum(logits)
+        from mindspore import ops
+        ops_sum = ops.sum
+        fn = ms.jit(ms.value_and_grad(loss, 0, blk.trainable_params()))
+        xm = Tensor(x)
+        return lambda: fn(xm)[0].asnumpy()
+
+    def rate(f):
+        for _ in range(a.warmup):
+            f()
+        t0 = time.perf_counter()
+        for _ in range(a.steps):
+            f()
+        return a.steps / (time.perf_counter() - t0)
+    r = rate(ref_step)
+    print(f"MoE block fwd+bwd, {a.batch * a.seq} tokens, hidden 256, 8 experts top-2, moe_intermediate 256:")
+    print(f"  transformers Qwen3MoeSparseMoeBlock: {r:7.2f} it/s")
+    for kernel in ([True, False] if kernels.cpu_kernels() else [False]):
+        o = rate(our_fn(kernel))
+        print(f"  ours ({'fused CPU kernel' if kernel else 'basic-op fallback'}): {o:7.2f} it/s  ratio {o / r:.2f}x")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--quick", action="store_true", help="seq 128, 3 timed steps")
+    ap.add_argument("--block", action="store_true", help="the MoE block alone")
+    ap.add_argument("--no-dense", action="store_true", help="skip the dense Qwen3 comparison")
+    a = ap.parse_args()
+    if a.quick:
+        a.seq, a.steps, a.warmup = 128, 3, 1
+    if a.block:
+        block(a)
+        return
+    data = batches(a.batch, a.seq, a.steps + a.warmup)
+    compare("Qwen3-MoE (8 experts top-2)", True, data, a)
+    if not a.no_dense:
+        compare("Qwen3 dense (intermediate 512)", False, data, a)
+
+
+if __name__ == "__main__":
+    main()
