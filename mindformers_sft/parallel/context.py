@@ -2,8 +2,8 @@
 
 A pure function (`parallel_context`), unit-tested on CPU; `init_parallel` applies it.
 
-  mode      DATA_PARALLEL when model_parallel = pipeline_stage = 1 and no optimizer sharding (the only mode the
-            CPU has); SEMI_AUTO_PARALLEL otherwise, or AUTO_PARALLEL with `parallel.parallel_mode: 2`
+  mode      DATA_PARALLEL when model_parallel = pipeline_stage = expert_parallel = 1 and no optimizer sharding (the
+            only mode the CPU has); SEMI_AUTO_PARALLEL otherwise, or AUTO_PARALLEL with `parallel.parallel_mode: 2`
             (MindFormers' numbering: 0 data, 1 semi-auto, 2 auto). Semi/auto parallel runs in GRAPH_MODE.
   optimizer sharding   parallel_config.optimizer_shard, else parallel.enable_parallel_optimizer; with
             parallel.parallel_optimizer_config passed on. Semi/auto parallel only: on CPU it is dropped with a note.
@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
+from .shapes import expert_parallel
 from .strategies import dims
 
 MODES = {0: "data_parallel", 1: "semi_auto_parallel", 2: "auto_parallel"}
@@ -72,6 +73,9 @@ def parallel_context(cfg, world: int, rank: int, device: str) -> ParallelContext
                               "(semi-auto parallel); on CPU only data parallel runs: set both to 1")
         if shard:
             notes.append("optimizer sharding needs semi-auto parallel (Ascend): not used on CPU")
+        if expert_parallel(pc) > 1:
+            notes.append(f"expert_parallel {expert_parallel(pc)} needs semi-auto parallel (Ascend): every rank holds "
+                         "all experts on CPU")
         if requested in ("semi_auto_parallel", "auto_parallel"):
             notes.append(f"parallel.parallel_mode {requested} needs Ascend: data parallel on CPU")
         mode = "data_parallel"
@@ -80,7 +84,7 @@ def parallel_context(cfg, world: int, rank: int, device: str) -> ParallelContext
                           "micro-batch pipeline wrapper (PipelineCell), which this suite does not wire yet; use "
                           "pipeline_stage 1 with model_parallel / data_parallel (and optimizer_shard, recompute). "
                           "Pipeline-stage checkpoints still load and convert (auto_trans_ckpt, transform_ckpt).")
-    elif mp > 1 or shard or requested in ("semi_auto_parallel", "auto_parallel"):
+    elif mp > 1 or shard or expert_parallel(pc) > 1 or requested in ("semi_auto_parallel", "auto_parallel"):
         mode = "auto_parallel" if requested == "auto_parallel" else "semi_auto_parallel"
     else:
         mode = "data_parallel"

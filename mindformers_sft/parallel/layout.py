@@ -14,6 +14,11 @@ From `strategies.layer_strategies` (MindFormers' column/row-parallel Llama):
   LoRA on a row layer                lora_a (r, in) [-1, 0], lora_b (out, r) replicated
   norms, everything else             replicated
   adam_m.<p>, adam_v.<p>             as <p>
+Qwen3 / Qwen3-MoE (MindFormers 1.8 names, `decoder.layers.N.`): linear_qkv, linear_q/k/v, linear_fc1, gating, hidden
+are column-parallel, linear_proj and linear_fc2 row-parallel, embedding.word_embeddings / output_layer as the
+embedding / lm_head. Stacked experts (mlp.experts.weight1 (E*h, 2F), weight2 (E*F, h), and their LoRA lora_a1,
+lora_b1, lora_a2, lora_b2 (E, ...)) are sliced on axis 0 by expert_parallel: their device matrix is MindFormers' MoE
+matrix [dp*mp // ep, ep] (rank r of a stage holds expert block r % ep) with tensor map [0, -1, ...].
 
 `write_strategy` saves these layouts in MindSpore's JSON strategy-file format (one file per pipeline stage,
 merged by MindSpore's `merge_pipeline_strategys`), which `mindspore.transform_checkpoints` and
@@ -28,21 +33,49 @@ import os
 import re
 
 from ..errors import ConfigError
-from .strategies import dims, stage_of_layer, vocab_parallel
+from .shapes import expert_parallel
+from .strategies import QWEN3_COLUMN, QWEN3_ROW, dims, stage_of_layer, vocab_parallel
 
-COLUMN = ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3")
-ROW = ("attention.wo", "feed_forward.w2")
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+COLUMN = ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3") + QWEN3_COLUMN
+ROW = ("attention.wo", "feed_forward.w2") + QWEN3_ROW
+_LAYER = re.compile(r"^(?:model|decoder)\.layers\.(\d+)\.(.+)$")
+_EXPERTS = re.compile(r"^decoder\.layers\.\d+\.mlp\.experts\.(weight1|weight2|lora_a1|lora_b1|lora_a2|lora_b2)$")
+EMBEDDINGS = ("model.tok_embeddings.embedding_weight", "lm_head.weight", "embedding.word_embeddings.weight",
+              "output_layer.weight")
 OPT_PREFIXES = ("adam_m.", "adam_v.")
+
+
+def _strip(name: str) -> str:
+    for p in OPT_PREFIXES:
+        if name.startswith(p):
+            return name[len(p):]
+    return name
+
+
+def is_expert(name: str) -> bool:
+    """A stacked expert tensor (or its LoRA / Adam moments), sliced on axis 0 by expert_parallel."""
+    return bool(_EXPERTS.match(_strip(name)))
+
+
+def dev_matrix(name: str, pc) -> list:
+    """Device matrix of parameter `name`'s layout: [dp, mp], or [dp*mp // ep, ep] for stacked experts."""
+    dp, mp, _ = dims(pc)
+    if is_expert(name):
+        ep = expert_parallel(pc)
+        if ep < 1 or (dp * mp) % ep:
+            raise ConfigError(f"parameter {name}: parallel_config.expert_parallel {ep} must divide data_parallel "
+                              f"{dp} x model_parallel {mp} = {dp * mp}")
+        return [dp * mp // ep, ep]
+    return [dp, mp]
 
 
 def tensor_map(name: str, ndim: int, mc, pc) -> list:
     """MindSpore tensor map of parameter `name` (MindFormers naming) with `ndim` dimensions."""
-    for p in OPT_PREFIXES:
-        if name.startswith(p):
-            return tensor_map(name[len(p):], ndim, mc, pc)
+    name = _strip(name)
     _, mp, _ = dims(pc)
     whole = [-1] * ndim
+    if is_expert(name):
+        return ([0] + whole[1:]) if expert_parallel(pc) > 1 else whole
     if mp == 1:
         return whole
     m = _LAYER.match(name)
@@ -57,7 +90,7 @@ def tensor_map(name: str, ndim: int, mc, pc) -> list:
             if rest == f"{row}.weight" or rest == f"{row}.lora_a":
                 return [-1, 0]
         return whole
-    if name in ("model.tok_embeddings.embedding_weight", "lm_head.weight") and vocab_parallel(mc, pc):
+    if name in EMBEDDINGS and vocab_parallel(mc, pc):
         return [0, -1]
     return whole
 
@@ -71,31 +104,33 @@ def stages_of(name: str, mc, pc) -> list:
     m = _LAYER.match(name)
     if m:
         return [stage_of_layer(mc, pc)[int(m.group(1))]]
-    if name.startswith("model.tok_embeddings."):
+    if name.startswith(("model.tok_embeddings.", "embedding.")):
         return sorted({0, pp - 1}) if mc.tie_word_embeddings else [0]
-    if name.startswith(("model.norm_out.", "lm_head.")):
+    if name.startswith(("model.norm_out.", "lm_head.", "decoder.final_layernorm.", "output_layer.")):
         return [pp - 1]
     return list(range(pp))          # global_step and other scalars
 
 
 def layouts(shapes: dict, mc, pc) -> dict:
-    """{stage: {name: (tensor_map, shape)}} for every named parameter shape, checked for divisibility."""
-    dp, mp, pp = dims(pc)
+    """{stage: {name: (tensor_map, shape, dev_matrix)}} for every named parameter shape, checked for divisibility."""
+    _, _, pp = dims(pc)
     out = {s: {} for s in range(pp)}
     for name, shape in shapes.items():
         shape = tuple(int(d) for d in shape)
-        tmap = tensor_map(name, len(shape), mc, pc)
+        tmap, dev = tensor_map(name, len(shape), mc, pc), dev_matrix(name, pc)
+        what = "expert_parallel" if is_expert(name) else "model_parallel"
         for d, t in zip(shape, tmap):
-            if t == 0 and d % mp:
-                raise ConfigError(f"parameter {name} {list(shape)} is split by model_parallel {mp}, but {d} is "
-                                  f"not divisible by {mp}: choose a model_parallel that divides {d}")
+            if t == 0 and d % dev[-1]:
+                raise ConfigError(f"parameter {name} {list(shape)} is split by {what} {dev[-1]}, but {d} is "
+                                  f"not divisible by {dev[-1]}: choose a {what} that divides {d}")
         for s in stages_of(name, mc, pc):
-            out[s][name] = (tmap, shape)
+            out[s][name] = (tmap, shape, dev)
     return out
 
 
 def slice_of(array, tmap, rank_in_stage: int, dp: int, mp: int):
-    """The part of the complete `array` that rank `rank_in_stage` (of a [dp, mp] stage) holds."""
+    """The part of the complete `array` that rank `rank_in_stage` of a stage holds under a device matrix [dp, mp]
+    (for stacked experts pass dev_matrix's [dp*mp // ep, ep])."""
     coord = {1: rank_in_stage // mp, 0: rank_in_stage % mp}
     size = {1: dp, 0: mp}
     index = []
@@ -108,15 +143,15 @@ def slice_of(array, tmap, rank_in_stage: int, dp: int, mp: int):
     return array[tuple(index)]
 
 
-def _stage_doc(items: dict, stage: int, dp: int, mp: int) -> dict:
+def _stage_doc(items: dict, stage: int) -> dict:
     """One pipeline stage's layouts in MindSpore's JSON strategy-file format."""
     return {
         "current_stage": stage,
         "parallel_strategy_item": {f"stage{stage}": {"stage": stage, "parallel_strategys": []}},
         "parallel_layout_item": {
-            name: {"dev_matrix": [dp, mp], "tensor_map": tmap, "param_split_shape": [], "indices_offset": [],
+            name: {"dev_matrix": list(dev), "tensor_map": tmap, "param_split_shape": [], "indices_offset": [],
                    "field": 0, "opt_weight_shard_step": 0, "opt_weight_shard_size": 0}
-            for name, (tmap, _) in sorted(items.items())},
+            for name, (tmap, _, dev) in sorted(items.items())},
     }
 
 
@@ -130,7 +165,7 @@ def write_strategy(shapes: dict, mc, pc, directory: str) -> str:
     files = []
     for stage, items in per_stage.items():
         path = os.path.join(stage_dir, f"ckpt_strategy_stage{stage}.json")
-        _write_json(path, _stage_doc(items, stage, dp, mp))
+        _write_json(path, _stage_doc(items, stage))
         files.append(path)
     if pp == 1:
         return files[0]
@@ -144,7 +179,7 @@ def write_rank_strategy(shapes: dict, mc, pc, path: str, rank: int):
     """The strategy file of one rank (its stage's layouts), as MindSpore writes per rank at compile."""
     dp, mp, _ = dims(pc)
     stage = rank // (dp * mp)
-    _write_json(path, _stage_doc(layouts(shapes, mc, pc)[stage], stage, dp, mp))
+    _write_json(path, _stage_doc(layouts(shapes, mc, pc)[stage], stage))
     return path
 
 

@@ -18,13 +18,26 @@ The projections are `ops.MatMul(transpose_b=True)` on a flattened input x (B*S, 
   LoRA x @ lora_a^T, h @ lora_b^T                column layer ((dp, 1), (1, 1)), ((dp, 1), (mp, 1));
                                                  row layer ((dp, mp), (1, mp)), ((dp, 1), (1, 1))
 
+Qwen3 / Qwen3-MoE (`qwen3_layer_strategies`, MindFormers 1.8 names; mcore attention, MLP and MoE layer):
+  linear_qkv (or linear_q/k/v), linear_fc1 (or gating, hidden)   column ((dp, 1), (mp, 1)): the fused rows are laid
+                                                 out per kv group / gate-up pair, so a split on `out` keeps whole
+                                                 heads and gate/up pairs together
+  linear_proj, linear_fc2                        row ((dp, mp), (1, mp))
+  q_layernorm / k_layernorm RmsNorm on (B, S, N, D) and weight (D,)   ((dp, 1, mp, 1), (1,)): heads over mp
+  MoE (tokens spread over the dp x mp ranks of a stage; experts over ep, MindFormers' (dp x mp / ep, ep) matrix):
+    router MatMul(transpose_b) x (T, H), weight (E, H)    ((dp*mp, 1), (1, 1)): weight replicated
+    experts grouped matmuls x (T*k, H|F), weight (E, H, 2F) / (E, F, H)   ((dp*mp, 1), (ep, 1, 1)): whole experts
+                                                 per rank; tokens reach their experts by all-to-all
+    experts LoRA BatchMatMul A (E, r, in), B (E, out, r)   ((ep, 1, 1), (ep, 1, 1))
+
 These are the strategies of MindFormers' LLamaAttention / LlamaFeedForward / LlamaEmbedding / LlamaForCausalLM
-(with context_parallel 1). Only `apply_strategies` touches MindSpore, and it only runs under (semi-)auto parallel
+and of its mcore SelfAttention / MLP / TopKRouter / GroupedMLP (with context_parallel 1). Only `apply_strategies` touches MindSpore, and it only runs under (semi-)auto parallel
 on Ascend; everything else is pure arithmetic and unit-tested on CPU.
 """
 from __future__ import annotations
 
 from ..errors import ConfigError
+from .shapes import expert_parallel, shapes_of
 
 COLUMN, ROW = "column", "row"
 
@@ -104,11 +117,41 @@ def layer_strategies(mc, pc) -> dict:
     return s
 
 
+QWEN3_COLUMN = ("self_attention.linear_qkv", "self_attention.linear_q", "self_attention.linear_k",
+                "self_attention.linear_v", "mlp.linear_fc1", "mlp.gating", "mlp.hidden")
+QWEN3_ROW = ("self_attention.linear_proj", "mlp.linear_fc2")
+
+
+def qwen3_layer_strategies(mc, pc) -> dict:
+    """name -> in_strategy for a Qwen3 / Qwen3-MoE model: the projections (names of QWEN3_COLUMN / QWEN3_ROW and
+    `<name>.bias` when qkv_has_bias), the q/k norms, the attention batch matmuls, embedding, output_layer, loss and
+    LoRA as `layer_strategies`; with experts also mlp.router, mlp.experts.gmm1 / gmm2 and mlp.experts.lora."""
+    dp, mp, _ = dims(pc)
+    base = layer_strategies(mc, pc)
+    col, row = ((dp, 1), (mp, 1)), ((dp, mp), (1, mp))
+    s = {k: base[k] for k in ("embedding", "attention.scores", "attention.context", "loss", "lora_a.column",
+                              "lora_b.column", "lora_a.row", "lora_b.row")}
+    s["output_layer"] = base["lm_head"]
+    s.update({n: col for n in QWEN3_COLUMN})
+    s.update({n: row for n in QWEN3_ROW})
+    s["self_attention.q_layernorm"] = s["self_attention.k_layernorm"] = ((dp, 1, mp, 1), (1,))
+    if mc.qkv_has_bias:
+        for n in ("linear_qkv", "linear_q", "linear_k", "linear_v"):
+            s[f"self_attention.{n}.bias"] = ((dp, mp), (mp,))
+    if shapes_of(mc).num_experts:
+        ep, tokens = expert_parallel(pc), dp * mp
+        s["mlp.router"] = ((tokens, 1), (1, 1))
+        s["mlp.experts.gmm1"] = s["mlp.experts.gmm2"] = ((tokens, 1), (ep, 1, 1))
+        s["mlp.experts.lora"] = ((ep, 1, 1), (ep, 1, 1))
+    return s
+
+
 def layer_out_strategies(mc, pc) -> dict:
     """out_strategy of the row-parallel matmuls: reduce-scatter over the sequence with use_seq_parallel."""
     dp, mp, _ = dims(pc)
     if mp > 1 and _get(pc, "use_seq_parallel", False):
-        return {"attention.wo": ((dp * mp, 1),), "feed_forward.w2": ((dp * mp, 1),)}
+        rows = QWEN3_ROW if shapes_of(mc).family == "qwen3" else ("attention.wo", "feed_forward.w2")
+        return {name: ((dp * mp, 1),) for name in rows}
     return {}
 
 
@@ -183,7 +226,9 @@ def apply_strategies(model, pc, force: bool = False) -> dict:
         return {"applied": {}, "missing": {}}
     from ..models import kernels
     mc = model.config
-    strat, out = layer_strategies(mc, pc), layer_out_strategies(mc, pc)
+    qwen3 = shapes_of(mc).family == "qwen3"
+    strat = qwen3_layer_strategies(mc, pc) if qwen3 else layer_strategies(mc, pc)
+    out = layer_out_strategies(mc, pc)
     _, _, pp = dims(pc)
     applied, missing = {}, {}
 
@@ -197,34 +242,51 @@ def apply_strategies(model, pc, force: bool = False) -> dict:
             prim.shard(strat[name])
         applied[path] = strat[name]
 
+    def find(cell, dotted):
+        for attr in dotted.split("."):
+            cell = getattr(cell, attr, None)
+        return cell
+
     stages = stage_of_layer(mc, pc)
     from .context import comm_fusion_groups
     fusion = comm_fusion_groups(mc.num_layers, _get(pc, "gradient_aggregation_group", 4))
-    for i, layer in enumerate(model.model.layers):
+    layers, prefix = (model.decoder.layers, "decoder.layers") if qwen3 else (model.model.layers, "model.layers")
+    linears, rows = (QWEN3_COLUMN + QWEN3_ROW, QWEN3_ROW) if qwen3 else (LINEARS, ("attention.wo", "feed_forward.w2"))
+    for i, layer in enumerate(layers):
         layer.set_comm_fusion(fusion[i])        # gradient all-reduce fusion (gradient_aggregation_group)
-        for name in LINEARS:
-            group, attr = name.split(".")
-            cell = getattr(getattr(layer, group), attr)
-            path = f"model.layers.{i}.{name}"
+        for name in linears:
+            cell = find(layer, name)            # absent: the other qkv_concat form, or a sparse layer's MLP
+            if cell is None:
+                continue
+            path = f"{prefix}.{i}.{name}"
             shard(base(cell).matmul, f"{path}.matmul", name)
             if name + ".bias" in strat:
                 shard(base(cell).bias_add, f"{path}.bias_add", name + ".bias")
             if cell is not base(cell):          # LoRA
-                kind = "row" if name in ("attention.wo", "feed_forward.w2") else "column"
+                kind = "row" if name in rows else "column"
                 shard(cell.matmul_a, f"{path}.matmul_a", f"lora_a.{kind}")
                 shard(cell.matmul_b, f"{path}.matmul_b", f"lora_b.{kind}")
+        if qwen3:
+            _shard_qwen3_extras(layer, f"{prefix}.{i}", shard, find, missing)
         if pp > 1:
             layer.pipeline_stage = stages[i]
-    shard(model.model.tok_embeddings.gather, "model.tok_embeddings.gather", "embedding")
-    if not mc.tie_word_embeddings:
-        shard(model.lm_head.matmul, "lm_head.matmul", "lm_head")
+    if qwen3:
+        shard(model.embedding.word_embeddings.gather, "embedding.word_embeddings.gather", "embedding")
+        head = (model.output_layer.matmul, "output_layer.matmul") if not mc.tie_word_embeddings else \
+            (model.head_matmul, "head_matmul")
+        shard(*head, "output_layer")
+        ends = (model.embedding, model.decoder.final_layernorm, getattr(model, "output_layer", None))
     else:
-        shard(model.head_matmul, "head_matmul", "lm_head")
+        shard(model.model.tok_embeddings.gather, "model.tok_embeddings.gather", "embedding")
+        head = (model.lm_head.matmul, "lm_head.matmul") if not mc.tie_word_embeddings else \
+            (model.head_matmul, "head_matmul")
+        shard(*head, "lm_head")
+        ends = (model.model.tok_embeddings, model.model.norm_out, getattr(model, "lm_head", None))
     if pp > 1:
-        model.model.tok_embeddings.pipeline_stage = 0
-        model.model.norm_out.pipeline_stage = pp - 1
-        if not mc.tie_word_embeddings:
-            model.lm_head.pipeline_stage = pp - 1
+        ends[0].pipeline_stage = 0
+        ends[1].pipeline_stage = pp - 1
+        if ends[2] is not None:
+            ends[2].pipeline_stage = pp - 1
     if not force:          # module-level primitives shared by every layer (same strategy for all of them)
         shard(kernels._BMM_TB, "kernels._BMM_TB", "attention.scores")
         shard(kernels._BMM, "kernels._BMM", "attention.context")
@@ -233,3 +295,28 @@ def apply_strategies(model, pc, force: bool = False) -> dict:
     missing["loss"] = "loss_sum_and_count uses functional ops; needs primitives to shard ((dp, mp),) on logits"
     missing["norms/rope/swiglu"] = "functional kernels; default (data-parallel) strategies apply"
     return {"applied": applied, "missing": missing}
+
+
+def _shard_qwen3_extras(layer, path, shard, find, missing):
+    """q/k norms and the MoE block of one Qwen3 / Qwen3-MoE layer (primitives where the model holds them)."""
+    for name in ("self_attention.q_layernorm", "self_attention.k_layernorm"):
+        prim = getattr(find(layer, name), "norm_op", None)
+        if prim is not None:
+            shard(prim, f"{path}.{name}.norm_op", name)
+        else:
+            missing["q/k norms"] = ("kernels.rms_norm calls functional ops.rms_norm; needs a RmsNorm primitive per "
+                                    "norm, sharded ((dp, 1, mp, 1), (1,)) (heads over mp)")
+    router = find(layer, "mlp.router")
+    if router is None:
+        return
+    shard(router.matmul, f"{path}.mlp.router.matmul", "mlp.router")
+    experts = find(layer, "mlp.experts")
+    if getattr(experts, "lora_rank", 0):
+        shard(experts.bmm_lora, f"{path}.mlp.experts.bmm_lora", "mlp.experts.lora")
+    if getattr(experts, "gmm", None) is not None:
+        shard(experts.gmm, f"{path}.mlp.experts.gmm", "mlp.experts.gmm1")
+    else:
+        missing["experts"] = ("kernels.moe_experts_ascend builds its GroupedMatmul per call and has no all-to-all "
+                              "token dispatch (MindFormers' MoEAlltoAllTokenDispatcher): experts are not split by "
+                              "expert_parallel at run time; needs a GroupedMatmul held by GroupedExperts, sharded "
+                              "((dp*mp, 1), (ep, 1, 1)), and the dispatch")
