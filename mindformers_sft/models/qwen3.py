@@ -185,11 +185,12 @@ class TransformerBlock(nn.Cell):
 class Qwen3ForCausalLM(CausalLM):
     """Qwen3 causal LM (interface: llama.CausalLM; parameter names: the table above)."""
     EMBEDDING_NAME, OUTPUT_NAME = "embedding.word_embeddings.weight", "output_layer.weight"
+    BLOCK = TransformerBlock
 
     def __init__(self, config: LlamaConfig):
         super().__init__(config)
         self.embedding = Qwen3Embedding(config, self.fused)
-        self.decoder = TransformerBlock(config, self._layers(config), self.fused, self.cpu_kernel)
+        self.decoder = self.BLOCK(config, self._layers(config), self.fused, self.cpu_kernel)
         if not self.tie:
             self.output_layer = Linear(config.hidden_size, config.vocab_size, False,
                                        MS_DTYPES[config.param_init_type], self.compute_dtype, config.initializer_range)
