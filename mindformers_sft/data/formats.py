@@ -15,6 +15,8 @@ Formats
               keys and the role names user/assistant/bot/chatgpt/model are accepted too. As FastChat's
               preprocess does, a leading assistant turn (before any user turn) is dropped (counted).
 ``messages``  ``{"messages": [{"role": "system"|"user"|"assistant", "content"}]}`` (OpenAI / HF chat).
+              An assistant message (messages or sharegpt) may carry ``reasoning_content``, passed on to chat
+              templates that render it (Qwen3: a ``<think>`` block); other templates refuse such a record.
 
 ``map_keys`` (a dict or a JSON string, MindSpeed-style) renames the columns. Alpaca keys: ``prompt``
 (default ``instruction``), ``query`` (``input``), ``response`` (``output``), ``system`` (``system``),
@@ -50,6 +52,7 @@ CHAT_KEYS = {"messages": None, "role_tag": None, "content_tag": None, "user_tag"
              "system_tag": None}
 KNOWN_MAP_KEYS = tuple(ALPACA_KEYS) + tuple(CHAT_KEYS)
 
+REASONING_KEY = "reasoning_content"   # an assistant message's reasoning, rendered by templates that read it (Qwen3)
 USER_ROLES = {"human", "user"}
 ASSISTANT_ROLES = {"gpt", "assistant", "bot", "chatgpt", "model"}
 SYSTEM_ROLES = {"system"}
@@ -88,11 +91,17 @@ class Conversation:
     system: Optional[str] = None
     dropped_leading: int = 0          # assistant turns dropped before the first user turn (FastChat does so)
     meta: dict = field(default_factory=dict)
+    reasoning: dict = field(default_factory=dict)   # turn index -> reasoning_content of that assistant turn
 
     def messages(self) -> list:
-        """HF / OpenAI-style message list (system first when set)."""
+        """HF / OpenAI-style message list (system first when set); ``reasoning_content`` on assistant turns that
+        have it (Qwen3's and DeepSeek-R1's name, read by their chat templates)."""
         out = [{"role": "system", "content": self.system}] if self.system is not None else []
-        out += [{"role": r, "content": c} for r, c in self.turns]
+        for j, (r, c) in enumerate(self.turns):
+            m = {"role": r, "content": c}
+            if j in self.reasoning:
+                m["reasoning_content"] = self.reasoning[j]
+            out.append(m)
         return out
 
 
@@ -204,7 +213,7 @@ def _chat(record: dict, mk: dict, fmt: str) -> Conversation:
     users = USER_ROLES | ({mk["user_tag"]} if mk.get("user_tag") else set())
     assistants = ASSISTANT_ROLES | ({mk["assistant_tag"]} if mk.get("assistant_tag") else set())
     systems = SYSTEM_ROLES | ({mk["system_tag"]} if mk.get("system_tag") else set())
-    system, turns, dropped = None, [], 0
+    system, turns, dropped, reasoning = None, [], 0, {}
     for j, m in enumerate(msgs):
         if not isinstance(m, dict):
             raise RecordError(f"{list_key}[{j}] must be an object with role and content, found {type(m).__name__}")
@@ -235,8 +244,13 @@ def _chat(record: dict, mk: dict, fmt: str) -> Conversation:
         if role != expected:
             raise RecordError(f"wrong role order: {list_key}[{j}] is {role!r}, expected {expected!r} "
                               f"(turns must alternate user/assistant)")
+        if m.get(REASONING_KEY) is not None:
+            if role != "assistant":
+                raise RecordError(f"{list_key}[{j}]: {REASONING_KEY} on a {role} message; only assistant messages "
+                                  "carry reasoning")
+            reasoning[len(turns)] = _text(m[REASONING_KEY], f"{list_key}[{j}].{REASONING_KEY}")
         turns.append((role, content))
-    return _check(Conversation(turns=turns, system=system, dropped_leading=dropped))
+    return _check(Conversation(turns=turns, system=system, dropped_leading=dropped, reasoning=reasoning))
 
 
 def _check(conv: Conversation) -> Conversation:

@@ -34,6 +34,7 @@ class SFTOptions:
     train_on_prompt: bool = False
     mask_history: bool = False
     truncation: str = DEFAULT_TRUNCATION   # proportional | cut | turn | drop (truncation.py)
+    enable_thinking: Optional[bool] = None  # Qwen3's template switch; None: unset (the template's default)
     pack: object = False                  # False | True (greedy) | "greedy" | "sequential"
     pack_max_samples: Optional[int] = None
     pack_buffer: int = 4096
@@ -48,6 +49,8 @@ class SFTOptions:
             raise ConfigError(f"alpaca_prompt {self.alpaca_prompt!r}: expected one of {', '.join(ALPACA_PROMPTS)}")
         if self.truncation not in TRUNCATIONS:
             raise ConfigError(f"truncation {self.truncation!r}: expected one of {', '.join(TRUNCATIONS)}")
+        if self.enable_thinking is not None and not isinstance(self.enable_thinking, bool):
+            raise ConfigError(f"enable_thinking: expected true, false or unset (null), got {self.enable_thinking!r}")
         self.map_keys = parse_map_keys(self.map_keys)
         self.pack = pack_strategy(self.pack)
         self.seq_length = int(self.seq_length)
@@ -56,7 +59,7 @@ class SFTOptions:
 
 
 def make_encoder(tokenizer, opts: SFTOptions) -> SFTEncoder:
-    template = get_template(opts.template, tokenizer)
+    template = get_template(opts.template, tokenizer, enable_thinking=opts.enable_thinking)
     enc = SFTEncoder(tokenizer, template, opts.seq_length, train_on_prompt=opts.train_on_prompt,
                      mask_history=opts.mask_history, truncation=opts.truncation)
     # A template that cannot render a plain exchange is a configuration error, not a per-record one.

@@ -18,7 +18,11 @@ character span the model must learn to generate: from the end of the generation 
 (``render(turns[:k], add_generation_prompt=True)``) to the end of the first special token (eos, ``<|im_end|>``,
 ``<|eot_id|>``, ...) after the assistant content; without a special token there, to the end of the turn
 (``render(turns[:k+1])``). Templates whose renderings are not prefixes of one another (e.g. they rewrite history)
-fall back to searching the contents in the text. Templates with ``{% generation %}`` blocks use those blocks.
+try the prompt's longest agreement with the whole text (Qwen3: the reasoning of the last turn, rendered as a
+``<think>`` block, is supervised with it; earlier turns lose theirs as the template drops it), then fall back to
+searching the contents in the text. Templates with ``{% generation %}`` blocks use those blocks.
+``enable_thinking`` (a data option) is passed to templates that read it; ``reasoning_content`` of assistant turns
+reaches templates that render it, and a record with reasoning is refused by a template that would drop it.
 """
 from __future__ import annotations
 
@@ -79,13 +83,25 @@ class Template:
         """(text, spans) from {% generation %} blocks, or None when the template has none."""
         return None
 
+    def check(self, conv: Conversation):
+        """RecordError when the template would drop part of the record (reasoning it does not render)."""
+        if conv.reasoning and not self.renders_reasoning:
+            raise RecordError(f"template {self.name!r} does not render reasoning_content (assistant turn "
+                              f"{min(conv.reasoning)}); use a template that does (e.g. Qwen3's own, 'auto') or put "
+                              "the reasoning in the content")
+
+    renders_reasoning = False
+
     def render_spans(self, conv: Conversation) -> Rendered:
+        self.check(conv)
         gen = self.generation_spans(conv)
         if gen is not None:
             text, spans = gen
             return Rendered(text, spans, self.prepend_bos(text))
         text = self.render(conv)
         spans = self._prefix_spans(conv, text)
+        if spans is None:
+            spans = self._history_spans(conv, text)
         if spans is None:
             spans = self._search_spans(conv, text)
         return Rendered(text, spans, self.prepend_bos(text))
@@ -116,6 +132,27 @@ class Template:
             if not (text.startswith(prompt) and text.startswith(upto) and len(prompt) <= len(upto)):
                 return None
             spans.append((len(prompt), self._end_of_span(text, content, len(prompt), len(upto))))
+        return spans
+
+    def _history_spans(self, conv: Conversation, text: str):
+        """For templates that render the last turn unlike earlier ones (Qwen3 keeps the <think> block only after
+        the last user query, and its generation prompt may hold an empty one): a turn starts where the prompt
+        for it (history + generation prompt) stops agreeing with the whole text, provided the history itself
+        (``render(turns[:k])``) is a prefix of the text; it ends after the first special token after it."""
+        spans, floor = [], 0
+        for i, (role, content) in enumerate(conv.turns):
+            if role != "assistant":
+                continue
+            hist = self.render(conv, i)
+            if not text.startswith(hist) or len(hist) < floor:
+                return None
+            prompt = self.render(conv, i, add_generation_prompt=True)
+            start = len(os.path.commonprefix([prompt, text]))
+            end = self._end_of_span(text, content, start, len(text))
+            if end <= start:
+                return None
+            spans.append((start, end))
+            floor = end
         return spans
 
     def _search_spans(self, conv: Conversation, text: str):
@@ -225,12 +262,21 @@ def compile_jinja(source: str):
 class JinjaTemplate(Template):
     kind = "jinja"
 
-    def __init__(self, source: str, tokenizer, name: str = "jinja"):
+    def __init__(self, source: str, tokenizer, name: str = "jinja", enable_thinking: Optional[bool] = None):
         super().__init__(tokenizer)
         self.name = name
         self.source = source
         self.compiled = compile_jinja(source)
         self.has_generation = re.search(r"\{%-?\s*generation\s*-?%\}", source) is not None
+        self.renders_reasoning = "reasoning_content" in source
+        # template variables beyond messages: only those set are passed (an unset one is `undefined`, so the
+        # template's own default applies, as with apply_chat_template without the keyword)
+        self.extra = {}
+        if enable_thinking is not None:
+            if "enable_thinking" not in source:
+                raise ConfigError(f"enable_thinking is set but chat template {name!r} does not read it (Qwen3's "
+                                  "template does); leave it unset for this template")
+            self.extra["enable_thinking"] = bool(enable_thinking)
         # transformers passes tokenizer.special_tokens_map (the named special tokens that are set)
         kw = {}
         for attr in ("bos_token", "eos_token", "unk_token"):
@@ -249,7 +295,7 @@ class JinjaTemplate(Template):
         import jinja2
         try:
             return self.compiled.render(messages=messages, tools=None, documents=None,
-                                        add_generation_prompt=add_generation_prompt, **self.kwargs)
+                                        add_generation_prompt=add_generation_prompt, **self.kwargs, **self.extra)
         except jinja2.exceptions.TemplateError as e:
             raise RecordError(f"chat template {self.name!r}: {e}") from None
 
@@ -268,7 +314,7 @@ class JinjaTemplate(Template):
         tracker.blocks, tracker.spans = blocks, spans
         try:
             ctx = self.compiled.new_context(dict(messages=conv.messages(), tools=None, documents=None,
-                                                 add_generation_prompt=False, **self.kwargs))
+                                                 add_generation_prompt=False, **self.kwargs, **self.extra))
             for block in self.compiled.root_render_func(ctx):
                 blocks.append(block)
         except jinja2.exceptions.TemplateError as e:
@@ -284,23 +330,28 @@ def template_names() -> List[str]:
     return sorted(set(_fastchat_names()) | set(BUILTIN_JINJA) | {"auto"})
 
 
-def get_template(name: str, tokenizer) -> Template:
-    """The template called `name` (see the module docstring); ConfigError with close names when unknown."""
+def get_template(name: str, tokenizer, enable_thinking: Optional[bool] = None) -> Template:
+    """The template called `name` (see the module docstring); ConfigError with close names when unknown.
+
+    ``enable_thinking`` (None: unset, the template's default) is passed to Jinja templates that read it (Qwen3)."""
     name = (name or "auto").strip()
     if name == "auto":
         src = getattr(tokenizer, "chat_template", None)
         if not src:
             raise ConfigError(f"template 'auto': the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no "
                               "chat_template; name a FastChat template instead (e.g. vicuna_v1.1, llama-2)")
-        return JinjaTemplate(src, tokenizer, name="auto")
+        return JinjaTemplate(src, tokenizer, name="auto", enable_thinking=enable_thinking)
     if name.endswith(".jinja") and os.path.isfile(name):
         with open(name, encoding="utf-8") as f:
-            return JinjaTemplate(f.read(), tokenizer, name=name)
+            return JinjaTemplate(f.read(), tokenizer, name=name, enable_thinking=enable_thinking)
     fc = _fastchat_names()
     if name in fc:
+        if enable_thinking is not None:
+            raise ConfigError(f"enable_thinking is set but FastChat template {name!r} has no thinking switch; "
+                              "leave it unset (it is for Jinja templates such as Qwen3's)")
         return FastChatTemplate(name, tokenizer)
     if name in BUILTIN_JINJA:
-        return JinjaTemplate(BUILTIN_JINJA[name], tokenizer, name=name)
+        return JinjaTemplate(BUILTIN_JINJA[name], tokenizer, name=name, enable_thinking=enable_thinking)
     names = template_names()
     close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
     if not close:

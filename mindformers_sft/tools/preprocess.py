@@ -29,6 +29,15 @@ from ..errors import ConfigError, SFTError
 TOKENIZER_NAMES = ("llama",)
 
 
+def _bool(v: str) -> bool:
+    low = str(v).strip().lower()
+    if low in ("true", "1", "yes"):
+        return True
+    if low in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mindformers_sft.tools.preprocess", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="over-long samples: proportional (LLaMA-Factory's cutoff_len rule, the default: keeps every "
                    "sample), cut (the first seq_length + 1 tokens, as FastChat and MindFormers), turn (whole leading "
                    "turns that fit), drop; truncated samples are counted")
+    p.add_argument("--enable_thinking", default=None, type=_bool, metavar="{true,false}",
+                   help="Qwen3's chat template switch (false: an empty <think> block ends each generation prompt); "
+                   "default: unset, as the template does")
     p.add_argument("--num_workers", type=int, default=1, help="tokenizing processes (1: in this process)")
     p.add_argument("--file_partition", type=int, default=1, help="MindRecord shards")
     p.add_argument("--rejects_file", default=None, help="default: <output_file>.rejects.jsonl")
@@ -88,7 +100,8 @@ def run(args) -> Stats:
     opts = SFTOptions(seq_length=args.seq_length, template=template, data_format=args.data_format,
                       map_keys=args.map_keys, alpaca_prompt=args.alpaca_prompt, train_on_prompt=args.train_on_prompt,
                       mask_history=args.mask_history, truncation=args.truncation, pack=args.pack or False,
-                      pack_max_samples=args.pack_max_samples, num_workers=args.num_workers)
+                      pack_max_samples=args.pack_max_samples, num_workers=args.num_workers,
+                      enable_thinking=args.enable_thinking)
     stats = Stats()
     rejects_file = args.rejects_file or args.output_file + ".rejects.jsonl"
     writer = MindRecordWriter(args.output_file, packed=opts.pack is not None, file_partition=args.file_partition,
