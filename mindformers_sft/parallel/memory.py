@@ -83,9 +83,11 @@ def layer_params_per_device(parts: dict, mp: int, ep: int) -> tuple:
     return (parts["attention"] + parts["mlp"]) // mp + parts["norms"] + parts["router"] + experts, experts
 
 
-def lora_adapters(mc, mp: int) -> tuple:
-    """(per-layer adapter params per device (list), lm_head adapter params per device, total adapters), or
-    (None, 0, 0) without pet_config. Target names are matched as pet/lora.py matches them."""
+def lora_adapters(mc, mp: int, ep: int = 1) -> tuple:
+    """(per-layer (adapter params per device, of which on experts) list, lm_head adapter params per device, total
+    adapters), or (None, 0, 0) without pet_config. Target names are matched as pet/lora.py matches them; a sparse
+    layer's `mlp.experts` target gets stacked per-expert adapters (models/moe.py: A1 (E, r, h), B1 (E, 2F, r),
+    A2 (E, r, F), B2 (E, h, r)), split by ep like the experts."""
     if not mc.pet_config:
         return None, 0, 0
     from ..pet.lora import parse_pet_config
@@ -94,14 +96,18 @@ def lora_adapters(mc, mp: int) -> tuple:
     sh = shapes_of(mc)
     per_layer, total = [], 0
     for i in range(mc.num_layers):
-        n_dev = 0
+        n_dev = n_exp = 0
         for lin in sh.layer_linears(i):
             if pattern.fullmatch(f"{sh.layer_prefix}.{i}.{lin.name}"):
                 total += r * (lin.fan_in + lin.fan_out)
                 # column-parallel base: lora_a (r, in) replicated, lora_b (out, r) split; row-parallel: the reverse
                 n_dev += (r * lin.fan_in + lin.fan_out * r // mp if lin.kind == COLUMN
                           else r * lin.fan_in // mp + lin.fan_out * r)
-        per_layer.append(n_dev)
+        if sh.sparse[i] and pattern.fullmatch(f"{sh.layer_prefix}.{i}.mlp.experts"):
+            n = sh.num_experts * r * (3 * sh.hidden + 3 * sh.moe_intermediate)
+            total += n
+            n_exp = n // ep
+        per_layer.append((n_dev + n_exp, n_exp))
     head = 0
     head_name = "lm_head" if sh.family == "llama" else "output_layer"
     if not mc.tie_word_embeddings and pattern.fullmatch(head_name):
@@ -155,9 +161,9 @@ def _stage(i, layer_ids, n_rec, ctx) -> dict:
     expert_weights = expert_params * ctx["wbytes"]
     adapters = 0
     lora = ctx["lora_layers"]
-    if lora is not None:
-        adapters = sum(lora[j] for j in layer_ids) + (ctx["lora_head"] if i == pp - 1 else 0)
-        expert_params = 0                    # experts are frozen under LoRA
+    if lora is not None:                     # the base (experts too) is frozen: only adapters train
+        adapters = sum(lora[j][0] for j in layer_ids) + (ctx["lora_head"] if i == pp - 1 else 0)
+        expert_params = sum(lora[j][1] for j in layer_ids)
     trainable = adapters if lora is not None else params
     params += adapters
     in_flight = min(pp - i, micro) if pp > 1 else 1
@@ -172,7 +178,7 @@ def _stage(i, layer_ids, n_rec, ctx) -> dict:
 
     wb, opp, dp, rep = ctx["wbytes"], ctx["opt_per_param"], ctx["dp"], ctx["expert_replicas"]
     st = {"stage": i, "layers": len(layer_ids), "recompute_layers": n_rec, "micro_batches_in_flight": in_flight,
-          "params_per_device": params, "trainable_per_device": trainable, "expert_params_per_device": expert_params,
+          "params_per_device": params, "trainable_per_device": trainable, "expert_trainable_per_device": expert_params,
           "weights": params * wb, "expert_weights": expert_weights, "gradients": trainable * wb,
           "grad_accumulation": trainable * wb if ctx["accumulate"] else 0,
           "optimizer_states_unsharded": trainable * opp,
@@ -198,7 +204,7 @@ def estimate_memory(mc, pc, recompute, optimizer_shard, batch_size, seq_length, 
     optimizer_states_unsharded, optimizer_states_sharded, activations (as configured), activations_no_recompute,
     activations_full_recompute, logits, total (as configured), total_no_optimizer_shard, total_optimizer_shard,
     total_no_recompute, total_full_recompute, max_device_memory (or None); and, not bytes: params_total,
-    activated_total, trainable_total, params_per_device, trainable_per_device, expert_params_per_device, stage,
+    activated_total, trainable_total, params_per_device, trainable_per_device, expert_trainable_per_device, stage,
     layers_per_stage, recompute_per_stage, micro_batches_in_flight, optimizer_shard, data_parallel,
     model_parallel, pipeline_stage, expert_parallel, num_experts, stages (per-stage dicts with the same byte keys).
     """
@@ -209,7 +215,7 @@ def estimate_memory(mc, pc, recompute, optimizer_shard, batch_size, seq_length, 
     pcount = param_counts(mc)
     sh = shapes_of(mc)
     vp = vocab_parallel(mc, pc)
-    lora_layers, lora_head, lora_total = lora_adapters(mc, mp)
+    lora_layers, lora_head, lora_total = lora_adapters(mc, mp, ep)
     wbytes = DTYPE_BYTES[mc.param_init_type]
     act = lambda j, r: activation_bytes_per_layer(  # noqa: E731
         mc, pc, batch_size, seq_length, r, recompute_slice_activation, sh.sparse[j])

@@ -72,7 +72,8 @@ def format_table(est) -> str:
     if est.get("max_device_memory"):
         rows.append(("context.max_device_memory", est["max_device_memory"], ""))
     head = (f"per-device memory estimate, GiB (worst pipeline stage {stage} of {pp}: {', '.join(where)}; "
-            f"dp {dp} x mp {mp} x pp {pp}{f' (ep {ep})' if est.get('num_experts') else ''}; batch_size {est['batch_size']} x seq_length {est['seq_length']}; "
+            f"dp {dp} x mp {mp} x pp {pp}{f' (ep {ep})' if est.get('num_experts') else ''}; "
+            f"batch_size {est['batch_size']} x seq_length {est['seq_length']}; "
             f"compute {est['compute_dtype']}; recompute {rec_txt}"
             f"{'; flash attention' if est['flash_attention'] else ''})")
     width = max(len(r[0]) for r in rows)

@@ -124,7 +124,8 @@ def shapes_of(mc) -> Shapes:
                   qkv_bias=bool(_attr(mc, "qkv_has_bias", False)), qk_norm=qwen3, num_experts=experts,
                   top_k=int(_attr(mc, "num_experts_per_tok", 0) or 0) if experts else 0,
                   moe_intermediate=int(_attr(mc, "moe_intermediate_size", 0) or 0) if experts else 0,
-                  sparse=sparse, qkv_concat=bool(_attr(mc, "qkv_concat", True)), layer_prefix="decoder.layers" if qwen3 else "model.layers")
+                  sparse=sparse, qkv_concat=bool(_attr(mc, "qkv_concat", True)),
+                  layer_prefix="decoder.layers" if qwen3 else "model.layers")
 
 
 def expert_parallel(pc) -> int:

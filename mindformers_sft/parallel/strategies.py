@@ -31,8 +31,9 @@ Qwen3 / Qwen3-MoE (`qwen3_layer_strategies`, MindFormers 1.8 names; mcore attent
     experts LoRA BatchMatMul A (E, r, in), B (E, out, r)   ((ep, 1, 1), (ep, 1, 1))
 
 These are the strategies of MindFormers' LLamaAttention / LlamaFeedForward / LlamaEmbedding / LlamaForCausalLM
-and of its mcore SelfAttention / MLP / TopKRouter / GroupedMLP (with context_parallel 1). Only `apply_strategies` touches MindSpore, and it only runs under (semi-)auto parallel
-on Ascend; everything else is pure arithmetic and unit-tested on CPU.
+and of its mcore SelfAttention / MLP / TopKRouter / GroupedMLP (with context_parallel 1). Only `apply_strategies`
+touches MindSpore, and it only runs under (semi-)auto parallel on Ascend; everything else is pure arithmetic and
+unit-tested on CPU.
 """
 from __future__ import annotations
 
