@@ -132,3 +132,19 @@ def test_main_job_keeps_every_record(capsys):
     assert len(ds) == ds.stats.kept == n and ds.stats.rejected == 0 and ds.stats.truncated > 400
     assert f"kept {n}, truncated {ds.stats.truncated}, rejected 0" in capsys.readouterr().out
     assert load_config().train_dataset.data_loader.truncation == "proportional"     # the schema default
+
+
+@pytest.mark.parametrize("mode", ["proportional", "cut"])
+def test_mindformers_handler_applies_the_mode(alpaca60, mode, capsys):
+    """HFDataLoader + AlpacaInstructDataHandler (MindFormers 1.6+) with `truncation`: preprocess's rows."""
+    from mindformers_sft.data.hf_loader import build_hf_dataset
+    d, path, recs = alpaca60
+    rows, samples, rejects = _encoder_rows(recs, mode)
+    step = {"type": "AlpacaInstructDataHandler", "seq_length": SEQ, "padding": True, "template": "vicuna_v1.1",
+            "truncation": mode, "tokenizer": {"padding_side": "right"}}
+    section = {"data_loader": {"type": "HFDataLoader", "path": "json", "data_files": path, "split": "train",
+                               "handler": [step]}, "input_columns": ["input_ids", "labels"]}
+    ds = build_hf_dataset(section, LLAMA2, SEQ, log=lambda *a: None)
+    assert sum(s.truncated for s in samples) >= 20 and len(ds) == len(samples)
+    np.testing.assert_array_equal(ds.input_ids, np.stack([r["input_ids"] for r in rows]))
+    np.testing.assert_array_equal(ds.labels, np.stack([r["labels"] for r in rows]))
