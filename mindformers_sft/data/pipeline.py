@@ -48,7 +48,8 @@ class SFTOptions:
         if self.alpaca_prompt not in ALPACA_PROMPTS:
             raise ConfigError(f"alpaca_prompt {self.alpaca_prompt!r}: expected one of {', '.join(ALPACA_PROMPTS)}")
         if self.truncation not in TRUNCATIONS:
-            raise ConfigError(f"truncation {self.truncation!r}: expected one of {', '.join(TRUNCATIONS)}")
+            raise ConfigError(f"truncation {self.truncation!r} (data_loader.truncation / --truncation) is not a mode; "
+                              f"expected one of {', '.join(TRUNCATIONS)}")
         if self.enable_thinking is not None and not isinstance(self.enable_thinking, bool):
             raise ConfigError(f"enable_thinking: expected true, false or unset (null), got {self.enable_thinking!r}")
         self.map_keys = parse_map_keys(self.map_keys)
