@@ -16,27 +16,34 @@ def _eos_set(model, eos_token_id) -> set:
     return set(eos_token_id) if isinstance(eos_token_id, (list, tuple, set)) else {int(eos_token_id)}
 
 
-def _pick(logits: np.ndarray, do_sample, temperature, top_k, top_p, rng) -> np.ndarray:
-    """Next token per row from fp32 logits (B, V): greedy, or sampling with temperature / top-k / top-p."""
-    if not do_sample or temperature <= 0:
-        return logits.argmax(-1)
+def pick_token(logits: np.ndarray, temperature: float, top_k: int, top_p: float, rng) -> int:
+    """Next token of one row of fp32 logits (V,): greedy when temperature <= 0, else sampling with temperature,
+    top-k (0 = off) and top-p (1.0 = off) drawn from the numpy generator `rng`."""
+    if temperature <= 0:
+        return int(logits.argmax(-1))
     logits = logits.astype(np.float64) / temperature
     vocab = logits.shape[-1]
     if 0 < top_k < vocab:
-        kth = np.partition(logits, vocab - top_k, axis=-1)[:, vocab - top_k][:, None]
+        kth = np.partition(logits, vocab - top_k)[vocab - top_k]
         logits = np.where(logits < kth, -np.inf, logits)
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
     if top_p < 1.0:
-        order = np.argsort(-probs, axis=-1, kind="stable")
-        sorted_p = np.take_along_axis(probs, order, -1)
+        order = np.argsort(-probs, kind="stable")
+        sorted_p = probs[order]
         # keep the smallest prefix whose mass reaches top_p (always at least the most likely token)
-        drop_sorted = (np.cumsum(sorted_p, -1) - sorted_p) >= top_p
-        drop = np.zeros_like(drop_sorted)
-        np.put_along_axis(drop, order, drop_sorted, -1)
+        drop = np.zeros(vocab, dtype=bool)
+        drop[order] = (np.cumsum(sorted_p) - sorted_p) >= top_p
         probs = np.where(drop, 0.0, probs)
-        probs /= probs.sum(-1, keepdims=True)
-    return np.array([rng.choice(vocab, p=p) for p in probs])
+        probs /= probs.sum()
+    return int(rng.choice(vocab, p=probs))
+
+
+def _pick(logits: np.ndarray, do_sample, temperature, top_k, top_p, rng) -> np.ndarray:
+    """Next token per row from fp32 logits (B, V): greedy, or sampling (rows in order, one shared generator)."""
+    if not do_sample or temperature <= 0:
+        return logits.argmax(-1)
+    return np.array([pick_token(row, temperature, top_k, top_p, rng) for row in logits])
 
 
 def _generate_batch(model, ids: np.ndarray, max_new_tokens, do_sample, temperature, top_k, top_p, eos, rng):
