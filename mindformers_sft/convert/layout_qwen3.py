@@ -32,8 +32,10 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import List
 
+import numpy as np
+
 from . import names_qwen3 as nq
-from .plan import Layout, Rule, rename
+from .plan import Assembler, Layout, Rule, rename
 
 _FUSED_MF = ("self_attention.linear_qkv.weight", "mlp.linear_fc1.weight", "mlp.experts.weight1",
              "mlp.experts.weight2")
@@ -127,23 +129,55 @@ def qwen3_layout(cfg, fused: bool = True) -> Layout:
                   family=getattr(cfg, "model_type", "qwen3"))
 
 
+class _StackExperts(Assembler):
+    """Places each expert into preallocated weight1/weight2 as soon as its gate, up and down are in (inputs
+    ordered gate_0, up_0, down_0, gate_1, ...), so a MoE layer is held once, not twice."""
+
+    def __init__(self, e: int, h: int, im: int):
+        super().__init__(3 * e)
+        self.shape1, self.shape2, self.h, self.im = (e * h, 2 * im), (e * im, h), h, im
+        self.w1 = self.w2 = None
+        self.parts = {}
+
+    def put(self, j, arr):
+        e, kind = divmod(j, 3)
+        got = self.parts.setdefault(e, [None, None, None])
+        got[kind] = arr
+        self.left -= 1
+        if any(x is None for x in got):
+            return
+        b1, b2 = nq.experts_stack([got[0]], [got[1]], [got[2]])
+        del self.parts[e], got
+        if self.w1 is None:
+            self.w1, self.w2 = np.empty(self.shape1, b1.dtype), np.empty(self.shape2, b2.dtype)
+        self.w1[e * self.h:(e + 1) * self.h] = b1
+        self.w2[e * self.im:(e + 1) * self.im] = b2
+
+    def outputs(self):
+        w1, w2, self.w1, self.w2 = self.w1, self.w2, None, None
+        return [w1, w2]
+
+
+def _unstack_experts(a, e, h, im):
+    """weight1, weight2 -> gate_0, up_0, down_0, gate_1, ... one expert at a time (a generator)."""
+    w1, w2 = a
+    for j in range(e):
+        gates, ups, downs = nq.experts_unstack(w1[j * h:(j + 1) * h], w2[j * im:(j + 1) * im], 1)
+        yield gates[0]
+        yield ups[0]
+        yield downs[0]
+
+
 def _experts(cfg, H, M, hf, mf, rules, one):
     """Router (rename) and the E experts of one MoE layer <-> stacked weight1/weight2 (one group)."""
     h, e, im = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
     one(H + "mlp.gate.weight", M + "mlp.router.weight", (e, h))
-    names = {k: [H + f"mlp.experts.{j}.{k}.weight" for j in range(e)] for k in ("gate_proj", "up_proj", "down_proj")}
+    names = []
     for j in range(e):
-        hf[names["gate_proj"][j]] = (im, h)
-        hf[names["up_proj"][j]] = (im, h)
-        hf[names["down_proj"][j]] = (h, im)
+        x = H + f"mlp.experts.{j}."
+        names += [x + "gate_proj.weight", x + "up_proj.weight", x + "down_proj.weight"]
+        hf[x + "gate_proj.weight"], hf[x + "up_proj.weight"], hf[x + "down_proj.weight"] = (im, h), (im, h), (h, im)
     w1, w2 = M + "mlp.experts.weight1", M + "mlp.experts.weight2"
     mf[w1], mf[w2] = (e * h, 2 * im), (e * im, h)
-
-    def to_mf(a):
-        return nq.experts_stack(a[:e], a[e:2 * e], a[2 * e:])
-
-    def to_hf(a):
-        gates, ups, downs = nq.experts_unstack(a[0], a[1], e)
-        return gates + ups + downs
-
-    rules.append(Rule(tuple(names["gate_proj"] + names["up_proj"] + names["down_proj"]), (w1, w2), to_mf, to_hf))
+    rules.append(Rule(tuple(names), (w1, w2), None, lambda a: _unstack_experts(a, e, h, im),
+                      assemble_mf=lambda: _StackExperts(e, h, im)))

@@ -117,3 +117,67 @@ def test_reverse_conversion_streams(big_hf, baseline, tmp_path):
     assert set(infos) == set(tensor_infos(src))
     assert len([f for f in os.listdir(out) if f.endswith(".safetensors")]) > 10
     _check(peak, baseline, total, largest, "CKPT -> HF")
+
+
+# ------------------------------------------------------------------ Qwen3-MoE: grouped conversion (fused q/k/v,
+# gate/up, E experts stacked into weight1/weight2) holds about one MoE layer, not the model
+QL, QE, QIM, QV = 12, 16, 256, 4096
+
+
+@pytest.fixture(scope="module")
+def big_moe(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bigmoe")
+    rng = np.random.default_rng(0)
+
+    def r(*shape):
+        return rng.standard_normal(shape, dtype=np.float32)
+    hd, nh, nkv = 64, 4, 2
+    shards = [{"model.embed_tokens.weight": r(QV, H // 2)}]
+    h = H // 2
+    for i in range(QL):
+        p = f"model.layers.{i}."
+        sh = {p + "self_attn.q_proj.weight": r(nh * hd, h), p + "self_attn.k_proj.weight": r(nkv * hd, h),
+              p + "self_attn.v_proj.weight": r(nkv * hd, h), p + "self_attn.o_proj.weight": r(h, nh * hd),
+              p + "self_attn.q_norm.weight": r(hd), p + "self_attn.k_norm.weight": r(hd),
+              p + "input_layernorm.weight": r(h), p + "post_attention_layernorm.weight": r(h),
+              p + "mlp.gate.weight": r(QE, h)}
+        for e in range(QE):
+            sh.update({p + f"mlp.experts.{e}.gate_proj.weight": r(QIM, h),
+                       p + f"mlp.experts.{e}.up_proj.weight": r(QIM, h),
+                       p + f"mlp.experts.{e}.down_proj.weight": r(h, QIM)})
+        shards.append(sh)
+    shards.append({"model.norm.weight": r(h), "lm_head.weight": r(QV, h)})
+    n, weight_map, total = len(shards), {}, 0
+    for i, sh in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        save_file(sh, str(d / name), metadata={"format": "pt"})
+        for k, v in sh.items():
+            weight_map[k] = name
+            total += v.nbytes
+    (d / HF_INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (d / "config.json").write_text(json.dumps({
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": h,
+        "intermediate_size": 512, "num_hidden_layers": QL, "num_attention_heads": nh, "num_key_value_heads": nkv,
+        "head_dim": hd, "vocab_size": QV, "max_position_embeddings": 256, "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False, "num_experts": QE, "num_experts_per_tok": 2, "moe_intermediate_size": QIM,
+        "decoder_sparse_step": 1, "mlp_only_layers": [], "torch_dtype": "float32"}))
+    largest = max(os.path.getsize(d / f) for f in set(weight_map.values()))
+    return str(d), total, largest, sum(len(s) for s in shards)
+
+
+def test_qwen3_moe_grouped_conversion_streams(big_moe, baseline, tmp_path):
+    src, total, largest, n_hf = big_moe
+    n_mf = 2 + QL * 9 + 1
+    assert total > 10 * largest
+    ck = str(tmp_path / "moe.ckpt")
+    peak, stdout = _peak_rss([SCRIPT, "--model", "qwen3_moe", "--input_path", src, "--output_path", ck],
+                             str(tmp_path))
+    assert stdout.startswith(f"convert_weight: {n_mf} tensors")
+    assert tensor_infos(ck)["decoder.layers.3.mlp.experts.weight1"].shape == (QE * H // 2, 2 * QIM)
+    _check(peak, baseline, total, largest, "Qwen3-MoE HF -> ckpt")
+    out = str(tmp_path / "hf")
+    peak, stdout = _peak_rss([SCRIPT, "--reversed", "--input_path", ck, "--output_path", out,
+                              "--max_shard_size", "20MB"], str(tmp_path))
+    assert stdout.startswith(f"convert_weight: {n_hf} tensors")
+    assert set(tensor_infos(out)) == set(tensor_infos(src))
+    _check(peak, baseline, total, largest, "Qwen3-MoE ckpt -> HF")
