@@ -19,6 +19,8 @@ from .io import checkpoint_files, iter_file, load_tensors
 from .training_state import META, CheckpointManager, meta_entry
 
 OPT_PREFIXES = ("adam_m.", "adam_v.", "global_step")
+# LoRA adapter names: Linear layers (.lora_a/.lora_b) and stacked MoE experts (models/moe.py)
+ADAPTER_SUFFIXES = (".lora_a", ".lora_b", ".lora_a1", ".lora_b1", ".lora_a2", ".lora_b2")
 
 
 def is_hf_dir(path):
@@ -75,7 +77,7 @@ def split(arrays: dict):
     for k, v in arrays.items():
         if k.startswith(OPT_PREFIXES):
             opt[k] = v
-        elif k.endswith((".lora_a", ".lora_b")):
+        elif k.endswith(ADAPTER_SUFFIXES):
             adapters[k] = v
         else:
             base[k] = v

@@ -6,6 +6,13 @@ keep their names, and it gains `<layer>.lora_a` (rank, in) and `<layer>.lora_b` 
 names, and the shapes of PEFT's lora_A.weight / lora_B.weight. The base is frozen: only adapters train.
 
     y = x W^T + b + (alpha / rank) * dropout(x) A^T B^T
+
+Qwen3 / Qwen3-MoE layer names are MindFormers 1.8's (`decoder.layers.3.self_attention.linear_qkv`, `...linear_proj`,
+`...mlp.linear_fc1`, `...mlp.linear_fc2`; with qkv_concat False `linear_q|linear_k|linear_v`, `mlp.gating|hidden`).
+A fused linear_qkv / linear_fc1 gets one adapter whose B rows follow the fused layout (split them with
+convert/names_qwen3.qkv_split / fc1_split for PEFT). The stacked experts of a MoE layer (`decoder.layers.N.mlp.experts`)
+are adapted when the regex names them: they expose `enable_lora(rank, alpha, dropout)` (models/moe.py: per-expert
+`experts.lora_a1/lora_b1/lora_a2/lora_b2`).
 """
 from __future__ import annotations
 
@@ -83,7 +90,9 @@ def apply_lora(model, pet: dict) -> list:
     pattern = re.compile(pet["target_modules"])
     targets = [(name, cell) for name, cell in model.cells_and_names() if isinstance(cell, Linear)
                and pattern.fullmatch(name)]
-    if not targets:
+    experts = [(name, cell) for name, cell in model.cells_and_names() if hasattr(cell, "enable_lora")
+               and pattern.fullmatch(name)]
+    if not targets and not experts:
         examples = [n for n, c in model.cells_and_names() if isinstance(c, Linear)][:3]
         raise ConfigError(f"model.model_config.pet_config.target_modules '{pet['target_modules']}' matched no "
                           f"layer; layer names look like {examples}")
@@ -94,7 +103,17 @@ def apply_lora(model, pet: dict) -> list:
         parent = model if not parent_name else dict(model.cells_and_names())[parent_name]
         lora = LoraLinear(cell, pet["lora_rank"], pet["lora_alpha"], pet["lora_dropout"], name)
         parent._cells[attr] = lora  # replace in place, keeping the base parameters' names
-    return [n for n, _ in targets]
+    for _, cell in experts:      # stacked MoE experts: adapters of their own (frozen base weights stay frozen)
+        cell.enable_lora(pet["lora_rank"], pet["lora_alpha"], pet["lora_dropout"])
+    return [n for n, _ in targets] + [n for n, _ in experts]
+
+
+def lora_experts(model):
+    """(name, experts cell) of every MoE experts cell with LoRA enabled."""
+    return [(n, c) for n, c in model.cells_and_names() if hasattr(c, "enable_lora") and getattr(c, "lora_rank", 0)]
+
+
+EXPERT_ADAPTERS = ("lora_a1", "lora_b1", "lora_a2", "lora_b2")
 
 
 def lora_layers(model):
@@ -107,13 +126,20 @@ def adapter_state(model) -> dict:
     for _, c in lora_layers(model):
         out[c.lora_a.name] = c.lora_a.asnumpy()
         out[c.lora_b.name] = c.lora_b.asnumpy()
+    for _, c in lora_experts(model):
+        for attr in EXPERT_ADAPTERS:
+            p = getattr(c, attr)
+            out[p.name] = p.asnumpy()
     return out
 
 
 def merged_state(model) -> dict:
     """The base model's state (MindFormers names) with every adapter merged into its weight."""
     from ..models import state_dict_numpy
-    state = {k: v for k, v in state_dict_numpy(model).items() if not k.endswith((".lora_a", ".lora_b"))}
+    adapters = set(adapter_state(model))
+    state = {k: v for k, v in state_dict_numpy(model).items() if k not in adapters}
     for _, c in lora_layers(model):
         state[c.base.weight.name] = c.merged_weight()
+    for _, c in lora_experts(model):
+        state[c.weight1.name], state[c.weight2.name] = c.merged_weights()
     return state
