@@ -2,8 +2,9 @@
 
 * ``cut`` equals FastChat's own ``fastchat.train.train.preprocess`` (vicuna_v1.1, the legacy Llama-2 tokenizer,
   ``truncation=True, max_length=model_max_length``) at model_max_length = seq_length + 1 = 129 and 257, on 400
-  conversations made of the bundled Alpaca demo records (one or three exchanges), many of them longer. FastChat keeps a sample whose first seq_length + 1 tokens hold no
-  reply with all labels -100; we reject it (reason in the rejects) -- the test checks those are the same samples.
+  conversations made of the bundled Alpaca demo records (one or three exchanges), most of them longer at 129.
+  FastChat keeps a sample whose first seq_length + 1 tokens hold no reply with all labels -100; we reject it
+  (reason in the rejects) -- the test checks those are the same samples.
 * ``proportional`` equals LLaMA-Factory's cutoff_len rule, written below from its published source as the
   reference, applied to the (source, target) pairs of FastChat's untruncated rows.
 """
