@@ -37,7 +37,7 @@ MF_COLUMNS = ("input_ids", "labels", "loss_mask", "position_ids", "actual_seq_le
 LOADER_KEYS = {"type", "load_func", "dataset_dir", "shuffle", "tokenizer", "handler", "create_attention_mask",
                "create_compressed_eod_mask", "compressed_eod_mask_length", "use_broadcast_data", "size",
                "dataset_state_dir", "save_step", "resume_step", "num_proc", "rejects_file", "column_names",
-               "batch_size"}
+               "batch_size", "packing", "adaptor_config"}
 LOAD_FUNCS = ("load_dataset", "load_from_disk")
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow",
                  ".txt": "text"}
@@ -239,6 +239,21 @@ def to_rows(ds, seq_length: int, pad_id: int, source: str):
     return np.stack(ids), np.stack(labels), (np.stack(asl) if asl else None)
 
 
+def legacy_args(dl: dict) -> dict:
+    """MindFormers' older HFDataLoader keys, as it reads them: `packing` (the pack_strategy of a PackingHandler
+    that names none) and `adaptor_config` {compress_mask, eod_pad_length}."""
+    packing = dl.pop("packing", None)
+    steps = dl.get("handler")
+    if packing and isinstance(steps, list):
+        dl["handler"] = [dict(s, pack_strategy=s.get("pack_strategy", packing))
+                         if isinstance(s, dict) and s.get("type") == "PackingHandler" else s for s in steps]
+    adaptor = dl.pop("adaptor_config", None)
+    if isinstance(adaptor, dict):
+        dl["create_compressed_eod_mask"] = bool(adaptor.get("compress_mask", False))
+        dl["compressed_eod_mask_length"] = adaptor.get("eod_pad_length", 128)
+    return dl
+
+
 def refuse_loader(kind: str):
     raise ConfigError(f"train_dataset.data_loader.type {kind} (Megatron .bin/.idx data) is not supported here; use "
                       "HFDataLoader (json/jsonl/parquet/csv/arrow, datasets folders) or MindDataset (MindRecord)")
@@ -247,7 +262,7 @@ def refuse_loader(kind: str):
 def build_hf_dataset(section: dict, tokenizer_path: str, seq_length: Optional[int], log=print) -> HFRowsDataset:
     from .handlers import ChainContext, run_chain
     from .pipeline import pad_id_of
-    dl = dict(section.get("data_loader") or {})
+    dl = legacy_args(dict(section.get("data_loader") or {}))
     columns = check_input_columns(section.get("input_columns"), dl, packed=False)
     _, kw, _, named = load_args(dl)
     source = ", ".join(named) or str(kw.get("path"))
