@@ -259,3 +259,18 @@ def test_error_moe_experts_disagree_with_config(models, tmp_path):
                                               "\\[192, 48\\] but .* implies \\[256, 48\\]"):
         run(["--reversed", "--input_path", bad, "--output_path", str(tmp_path / "hf")])
     assert not os.path.exists(tmp_path / "o.ckpt")
+
+
+@pytest.mark.parametrize("kind,tie", CASES)
+def test_our_model_from_the_mindformers_checkpoint_gives_transformers_logits(models, tmp_path, kind, tie):
+    from mindspore import Tensor
+
+    from mindformers_sft.models import build_model, load_state_dict
+    from mindformers_sft.models.config import LlamaConfig
+    src, ref = models[(kind, tie)]
+    ck = str(tmp_path / "m.ckpt")
+    run(["--input_path", src, "--output_path", ck])
+    model = build_model(LlamaConfig.from_hf_config(sidecar_config_path(ck)))
+    load_state_dict(model, load_tensors(ck), strict=True, source=ck)    # every parameter, nothing left over
+    ours = model.logits(Tensor(np.array(IDS, np.int32))).asnumpy()
+    assert np.abs(ours - ref.numpy()).max() < 1e-4

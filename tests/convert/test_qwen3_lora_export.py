@@ -18,24 +18,24 @@ from mindformers_sft.checkpoint.training_state import CheckpointManager
 from mindformers_sft.convert import run
 from mindformers_sft.models import build_model, load_state_dict
 from mindformers_sft.models.config import LlamaConfig
-from mindformers_sft.pet.lora import adapter_state, apply_lora, lora_layers
-from tests.convert.test_qwen3_convert import D, FF, IDS, NH, NKV, make_hf
+from mindformers_sft.pet.lora import EXPERT_ADAPTERS, adapter_state, apply_lora, lora_experts, lora_layers
+from tests.convert.test_qwen3_convert import D, E, FF, IDS, IM, MOE_LAYERS, NH, NKV, make_hf
 
 PET = {"pet_type": "lora", "lora_rank": 4, "lora_alpha": 8.0, "lora_dropout": 0.0,
        "target_modules": ".*linear_qkv|.*linear_proj|.*linear_fc1|.*linear_fc2"}
 
 
-def _lora_run(tmp_path, hf_dir, base):
+def _lora_run(tmp_path, hf_dir, base, pet=PET):
     """Our Qwen3 with random nonzero adapters, saved as a training checkpoint; (its logits, checkpoint dir)."""
-    cfg = LlamaConfig.from_hf_config(hf_dir, pet_config=dict(PET))
+    cfg = LlamaConfig.from_hf_config(hf_dir, pet_config=dict(pet))
     model = build_model(cfg)
     load_state_dict(model, load_tensors(base) if os.path.isfile(base) else _hf_as_mf(hf_dir, tmp_path), strict=True)
-    names = apply_lora(model, cfg.pet_config)
-    assert len(names) == 4 * cfg.num_layers
+    apply_lora(model, cfg.pet_config)
     rng = np.random.default_rng(1)
-    for _, cell in lora_layers(model):
-        for p in (cell.lora_a, cell.lora_b):
-            p.set_data(Tensor(rng.standard_normal(p.shape).astype(np.float32) * 0.2))
+    params = [p for _, c in lora_layers(model) for p in (c.lora_a, c.lora_b)]
+    params += [getattr(c, a) for _, c in lora_experts(model) for a in EXPERT_ADAPTERS]
+    for p in params:
+        p.set_data(Tensor(rng.standard_normal(p.shape).astype(np.float32) * 0.2))
     logits = model.logits(Tensor(np.array(IDS, np.int32))).asnumpy()
     out = str(tmp_path / "run")
     CheckpointManager(out, prefix="qwen3").save(
@@ -98,3 +98,32 @@ def test_qwen3_lora_merged_and_peft_export(tmp_path, base_kind):
     assert np.array_equal(t[pre + "mlp.gate_proj.lora_B.weight"], b1[0::2])      # interleaved [g0, u0, g1, ...]
     assert np.array_equal(t[pre + "mlp.up_proj.lora_B.weight"], b1[1::2])
     assert np.array_equal(t[pre + "mlp.down_proj.lora_B.weight"], adapters[mf + "mlp.linear_fc2.lora_b"])
+
+
+def test_qwen3_moe_expert_lora_export(tmp_path):
+    """Stacked expert adapters (lora_a1/b1 on weight1, lora_a2/b2 on weight2) become per-expert PEFT adapters:
+    gate_proj and up_proj share A1[e] and take B1[e]'s first / last moe_intermediate_size rows."""
+    hf_dir = str(tmp_path / "hf")
+    make_hf(hf_dir, "qwen3_moe", tie=False)
+    pet = dict(PET, target_modules=".*linear_qkv|.*linear_fc1|.*experts")
+    ours, adapters, ckpt = _lora_run(tmp_path, hf_dir, hf_dir, pet)
+    merged, peft_dir = str(tmp_path / "merged"), str(tmp_path / "peft")
+    run(["--reversed", "--input_path", ckpt, "--output_path", merged, "--peft_path", peft_dir])
+    ids = torch.tensor(IDS)
+    with torch.no_grad():
+        ref = transformers.AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)(ids).logits.numpy()
+        base_model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+        plain = base_model(ids).logits.numpy()
+        via_peft = PeftModel.from_pretrained(base_model, peft_dir)(input_ids=ids).logits.numpy()
+    assert np.abs(plain - ours).max() > 1e-2
+    assert np.abs(ours - ref).max() < 1e-4
+    assert np.abs(ours - via_peft).max() < 1e-4
+    t = np_load_file(os.path.join(peft_dir, "adapter_model.safetensors"))
+    layer = MOE_LAYERS[-1]
+    a1, b1 = (adapters[f"decoder.layers.{layer}.mlp.experts.{n}"] for n in ("lora_a1", "lora_b1"))
+    assert a1.shape[0] == E and b1.shape[1] == 2 * IM
+    pre = f"base_model.model.model.layers.{layer}.mlp.experts.5."
+    assert np.array_equal(t[pre + "gate_proj.lora_A.weight"], a1[5])
+    assert np.array_equal(t[pre + "up_proj.lora_A.weight"], a1[5])
+    assert np.array_equal(t[pre + "gate_proj.lora_B.weight"], b1[5, :IM])
+    assert np.array_equal(t[pre + "up_proj.lora_B.weight"], b1[5, IM:])
