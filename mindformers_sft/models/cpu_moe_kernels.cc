@@ -92,7 +92,8 @@ constexpr int64_t kMoeRows = 256;  // rows per task: large enough for an efficie
 std::vector<Chunk> chunks_of(const std::vector<int64_t> &start) {
   std::vector<Chunk> c;
   for (int64_t e = 0; e + 1 < (int64_t)start.size(); ++e)
-    for (int64_t r = start[e]; r < start[e + 1]; r += kMoeRows) c.push_back({e, r, std::min(kMoeRows, start[e + 1] - r)});
+    for (int64_t r = start[e]; r < start[e + 1]; r += kMoeRows)
+      c.push_back({e, r, std::min(kMoeRows, start[e + 1] - r)});
   return c;
 }
 

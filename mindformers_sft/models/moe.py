@@ -40,6 +40,7 @@ import mindspore as ms
 from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import HeUniform, Normal, initializer
 
+from ..errors import CheckpointError, ConfigError
 from . import kernels
 
 _MS_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
@@ -51,13 +52,13 @@ _MS_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloa
 def stack_experts(gate_list, up_list, down_list):
     """HF per-expert gate_proj/up_proj (F, H) and down_proj (H, F) matrices -> (weight1 (E*H, 2F), weight2 (E*F, H))."""
     if not (len(gate_list) == len(up_list) == len(down_list)) or not gate_list:
-        raise ValueError(f"stack_experts: expected as many gate, up and down matrices (>= 1), got "
-                         f"{len(gate_list)}, {len(up_list)}, {len(down_list)}")
+        raise CheckpointError(f"stack_experts: expected as many gate, up and down matrices (>= 1), got "
+                              f"{len(gate_list)}, {len(up_list)}, {len(down_list)}")
     f, h = np.shape(gate_list[0])
     for e, (g, u, d) in enumerate(zip(gate_list, up_list, down_list)):
         if np.shape(g) != (f, h) or np.shape(u) != (f, h) or np.shape(d) != (h, f):
-            raise ValueError(f"stack_experts: expert {e}: gate {np.shape(g)}, up {np.shape(u)}, down {np.shape(d)}; "
-                             f"expected ({f}, {h}), ({f}, {h}), ({h}, {f})")
+            raise CheckpointError(f"stack_experts: expert {e}: gate {np.shape(g)}, up {np.shape(u)}, "
+                                  f"down {np.shape(d)}; expected ({f}, {h}), ({f}, {h}), ({h}, {f})")
     w1 = np.stack([np.concatenate([g, u], 0).T for g, u in zip(gate_list, up_list)], 0)   # (E, H, 2F)
     w2 = np.stack([np.asarray(d).T for d in down_list], 0)                               # (E, F, H)
     return np.ascontiguousarray(w1.reshape(-1, 2 * f)), np.ascontiguousarray(w2.reshape(-1, h))
@@ -67,12 +68,12 @@ def unstack_experts(weight1, weight2, num_experts: int):
     """Inverse of stack_experts: (weight1 (E*H, 2F), weight2 (E*F, H)) -> (gate list, up list, down list)."""
     w1, w2 = np.asarray(weight1), np.asarray(weight2)
     if w1.ndim != 2 or w2.ndim != 2 or w1.shape[0] % num_experts or w1.shape[1] % 2 or w2.shape[0] % num_experts:
-        raise ValueError(f"unstack_experts: weight1 {w1.shape} / weight2 {w2.shape} are not (E*H, 2F) / (E*F, H) "
-                         f"for E = {num_experts}")
+        raise CheckpointError(f"unstack_experts: weight1 {w1.shape} / weight2 {w2.shape} are not "
+                              f"(E*H, 2F) / (E*F, H) for E = {num_experts}")
     h, f = w1.shape[0] // num_experts, w1.shape[1] // 2
     if w2.shape != (num_experts * f, h):
-        raise ValueError(f"unstack_experts: weight2 {w2.shape}; expected ({num_experts * f}, {h}) from weight1 "
-                         f"{w1.shape}")
+        raise CheckpointError(f"unstack_experts: weight2 {w2.shape}; expected ({num_experts * f}, {h}) from weight1 "
+                              f"{w1.shape}")
     w1 = w1.reshape(num_experts, h, 2 * f)
     w2 = w2.reshape(num_experts, f, h)
     gates = [np.ascontiguousarray(w1[e, :, :f].T) for e in range(num_experts)]
@@ -146,7 +147,7 @@ class GroupedExperts(nn.Cell):
         B = 0 (a no-op at start). Names: the experts cell's prefix + `.lora_a1` etc. The base weights are not frozen
         here (the caller freezes). Returns the four new parameters."""
         if self.lora_rank:
-            raise ValueError(f"{self.weight1.name}: LoRA is already enabled on these experts")
+            raise ConfigError(f"{self.weight1.name}: LoRA is already enabled on these experts")
         if dropout > 0:
             print(f"[lora] {self.weight1.name.rpartition('.')[0] or 'experts'}: lora_dropout {dropout} is not "
                   "applied to expert adapters (they are merged into the stacked weights)", file=sys.stderr)
@@ -220,7 +221,7 @@ class MoEBlock(nn.Cell):
         std = getattr(cfg, "initializer_range", 0.02)
         self.top_k, self.norm_topk_prob = cfg.num_experts_per_tok, bool(getattr(cfg, "norm_topk_prob", True))
         if not 0 < self.top_k <= cfg.num_experts:
-            raise ValueError(f"model_config.num_experts_per_tok: {self.top_k}; expected 1 .. num_experts "
+            raise ConfigError(f"model_config.num_experts_per_tok: {self.top_k}; expected 1 .. num_experts "
                              f"({cfg.num_experts})")
         self.router = Router(cfg.hidden_size, cfg.num_experts, pd, std)
         self.experts = GroupedExperts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, pd, cd, std,
