@@ -177,3 +177,19 @@ def test_pretrained_model_dir_errors(tmp_path):
     ckpt.write_bytes(b"")
     with pytest.raises(ConfigError, match=r"is a .ckpt file but load_ckpt_format is 'safetensors'"):
         _resolve(tmp_path, load_checkpoint=str(ckpt), load_ckpt_format="safetensors")
+
+
+def test_readme_tiny_command_resolves(monkeypatch):
+    """`--config configs/qwen3/finetune_qwen3_tiny.yaml --run_mode train --vocab_file assets/tokenizers/qwen3`: the
+    architecture of configs/qwen3/tiny_qwen3_hf/config.json (read by transformers too), random weights."""
+    import transformers
+    from mindformers_sft.run import model_config, resolve_pretrained
+    cfg = load_config(TINY, overrides={"run_mode": "train", "processor.tokenizer.vocab_file": "assets/tokenizers/qwen3"})
+    monkeypatch.chdir(ROOT)
+    resolve_pretrained(cfg, log=lambda *a: None)
+    assert cfg.load_checkpoint == ""
+    ref = transformers.AutoConfig.from_pretrained(os.path.join(ROOT, cfg.pretrained_model_dir))
+    conf = model_config(cfg, log=lambda *a: None)
+    assert (conf.model_type, conf.num_layers, conf.hidden_size, conf.head_dim, conf.n_kv_heads, conf.vocab_size,
+            conf.tie_word_embeddings) == ("qwen3", ref.num_hidden_layers, ref.hidden_size, ref.head_dim,
+                                          ref.num_key_value_heads, ref.vocab_size, False)   # YAML unties (random init)
