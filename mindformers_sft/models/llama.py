@@ -254,14 +254,21 @@ class LlamaModel(nn.Cell):
 
     def forward_with_cache(self, tokens, position_ids, mask, past):
         """PyNative helper: like construct, with past = list of (k, v) per layer or None; returns (h, presents)."""
-        x = self.tok_embeddings(tokens)
         cos, sin = self.rope(position_ids)
-        presents = []
-        for i, layer in enumerate(self.layers):
-            pk, pv = past[i] if past is not None else (None, None)
-            x, k, v = layer(x, cos, sin, mask, pk, pv)
-            presents.append((k, v))
+        x, presents = layers_with_cache(self.layers, self.tok_embeddings(tokens), cos, sin, mask, past)
         return self.norm_out(x), presents
+
+
+def layers_with_cache(layers, x, cos, sin, mask, past):
+    """PyNative: run decoder layers (each -> (x, k, v, ...)) with past = list of (k, v) per layer or None;
+    returns (x, presents)."""
+    presents = []
+    for i, layer in enumerate(layers):
+        pk, pv = past[i] if past is not None else (None, None)
+        out = layer(x, cos, sin, mask, pk, pv)
+        x = out[0]
+        presents.append((out[1], out[2]))
+    return x, presents
 
 
 class KVCache:

@@ -42,7 +42,7 @@ from mindspore import Tensor, nn, ops
 
 from .config import LlamaConfig
 from .llama import (MS_DTYPES, Attention, CausalLM, Embedding, FeedForward, Linear, LlamaModel, RMSNorm,
-                    rope_inv_freq)
+                    layers_with_cache, rope_inv_freq)
 
 
 def _dense_args(cfg):
@@ -174,11 +174,7 @@ class TransformerBlock(nn.Cell):
 
     def forward_with_cache(self, x, position_ids, mask, past):
         cos, sin = self.rope(position_ids)
-        presents = []
-        for i, layer in enumerate(self.layers):
-            pk, pv = past[i] if past is not None else (None, None)
-            x, k, v = layer(x, cos, sin, mask, pk, pv)
-            presents.append((k, v))
+        x, presents = layers_with_cache(self.layers, x, cos, sin, mask, past)
         return self.final_layernorm(x), presents
 
 

@@ -40,7 +40,8 @@ class Qwen3MoeDecoderLayer(Qwen3DecoderLayer):
 
 
 class MoeTransformerBlock(TransformerBlock):
-    """construct -> (hidden (B, S, H), tuple of router logits (B*S, E) fp32, one per sparse layer)."""
+    """construct -> (hidden (B, S, H), tuple of router logits (B*S, E) fp32, one per sparse layer);
+    forward_with_cache as TransformerBlock (router logits unused)."""
 
     def construct(self, x, position_ids, mask):
         cos, sin = self.rope(position_ids, not isinstance(mask, tuple))
@@ -50,15 +51,6 @@ class MoeTransformerBlock(TransformerBlock):
             if logits is not None:
                 router_logits = router_logits + (logits,)
         return self.final_layernorm(x), router_logits
-
-    def forward_with_cache(self, x, position_ids, mask, past):
-        cos, sin = self.rope(position_ids)
-        presents = []
-        for i, layer in enumerate(self.layers):
-            pk, pv = past[i] if past is not None else (None, None)
-            x, k, v, _ = layer(x, cos, sin, mask, pk, pv)
-            presents.append((k, v))
-        return self.final_layernorm(x), presents
 
 
 class Qwen3MoeForCausalLM(Qwen3ForCausalLM):

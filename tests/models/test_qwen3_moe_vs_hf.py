@@ -1,9 +1,6 @@
 """Our Qwen3MoeForCausalLM against transformers 4.57's Qwen3MoeForCausalLM (fp32, CPU): logits, aux loss and the
 total loss, packing masks in the aux loss, KV-cache greedy generation, and checkpoints whose experts disagree with
 config.json."""
-import json
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -16,7 +13,7 @@ from mindformers_sft.models import from_hf_dir, state_dict_numpy
 from mindformers_sft.models.moe import load_balancing_loss
 from mindformers_sft.models.qwen3_moe import Qwen3MoeForCausalLM
 
-from tests.models.test_qwen3_vs_hf import randomize
+from tests.models.test_qwen3_vs_hf import edit_config, randomize
 
 SHAPES = {
     # top-2 of 8, sparse every 2nd layer (1 and 3), untied, head_dim != hidden/heads
@@ -123,28 +120,20 @@ def test_names_and_kv_cache_generate(pair):
     assert generate(ours, [prompt], max_new_tokens=10, eos_token_id=[])[0] == ref
 
 
-def _set_config(path, **changes):
-    with open(os.path.join(path, "config.json")) as f:
-        cfg = json.load(f)
-    cfg.update(changes)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(cfg, f)
-
-
 def test_experts_disagreeing_with_config_are_named(tmp_path):
     path = str(tmp_path / "m")
     tiny_qwen3_moe(path, "step2")
-    _set_config(path, num_experts=6)
+    edit_config(path, num_experts=6)
     with pytest.raises(CheckpointError, match=r"safetensors: tensor 'model\.layers\.1\.mlp\.gate\.weight': expected "
                                               r"shape \(6, 64\) from config\.json, found \(8, 64\)"):
         from_hf_dir(path)
-    _set_config(path, num_experts=8, moe_intermediate_size=16)
+    edit_config(path, num_experts=8, moe_intermediate_size=16)
     with pytest.raises(CheckpointError, match=r"tensor 'model\.layers\.1\.mlp\.experts\.0\.gate_proj\.weight': "
                                               r"expected shape \(16, 64\)"):
         from_hf_dir(path)
-    _set_config(path, moe_intermediate_size=32, decoder_sparse_step=1)   # layers 0 and 2 have no experts
+    edit_config(path, moe_intermediate_size=32, decoder_sparse_step=1)   # layers 0 and 2 have no experts
     with pytest.raises(CheckpointError, match=r"missing tensor 'model\.layers\.0\.mlp\.gate\.weight'"):
         from_hf_dir(path)
-    _set_config(path, decoder_sparse_step=4)                              # layer 1 should be dense
+    edit_config(path, decoder_sparse_step=4)                              # layer 1 should be dense
     with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.(gate_proj|down_proj|up_proj)\.weight"):
         from_hf_dir(path)

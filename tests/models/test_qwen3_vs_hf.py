@@ -15,6 +15,7 @@ from mindformers_sft.errors import CheckpointError, ConfigError
 from mindformers_sft.generation import generate
 from mindformers_sft.models import from_hf_dir, state_dict_numpy
 from mindformers_sft.models.qwen3 import Qwen3ForCausalLM
+from tests.models.test_llama_vs_hf import _randomize
 
 SHAPES = {
     # head_dim != hidden/heads, GQA 4:2, untied
@@ -28,12 +29,7 @@ SHAPES = {
 
 def randomize(model, seed):
     """Weights larger than HF's init so the comparison is not trivially small; norms around 1."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1.0 + 0.1 * noise if "norm" in name else 0.15 * noise)
-    return model.eval()
+    return _randomize(model, seed)
 
 
 def tiny_qwen3(path, shape, seed=0):
@@ -125,7 +121,7 @@ def test_kv_cache_greedy_equals_transformers_generate(pair):
     assert generate(ours, [prompt], max_new_tokens=12, eos_token_id=[])[0] == ref
 
 
-def _edit_config(path, **changes):
+def edit_config(path, **changes):
     with open(os.path.join(path, "config.json")) as f:
         cfg = json.load(f)
     cfg.update(changes)
@@ -136,10 +132,10 @@ def _edit_config(path, **changes):
 def test_bad_checkpoints_are_named(tmp_path):
     path = str(tmp_path / "m")
     tiny_qwen3(path, "gqa_untied")
-    _edit_config(path, model_type="qwen4")
+    edit_config(path, model_type="qwen4")
     with pytest.raises(ConfigError, match=r"config\.json: model_type 'qwen4' is not supported"):
         from_hf_dir(path)
-    _edit_config(path, model_type="qwen3")
+    edit_config(path, model_type="qwen3")
     # drop k_norm of layer 1 from its shard (and from the index)
     from safetensors.numpy import load_file, save_file
     with open(os.path.join(path, "model.safetensors.index.json")) as f:
@@ -155,7 +151,7 @@ def test_bad_checkpoints_are_named(tmp_path):
                                               r"\(expected shape \(32,\), the per-head RMSNorm"):
         from_hf_dir(path)
     # a head_dim the tensors do not have: the file and the tensor are named
-    _edit_config(path, head_dim=16)
+    edit_config(path, head_dim=16)
     with pytest.raises(CheckpointError, match=r"safetensors: tensor 'model\.layers\.0\.self_attn\.q_proj\.weight': "
                                               r"expected shape \(64, 64\)"):
         from_hf_dir(path)
