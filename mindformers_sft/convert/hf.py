@@ -1,9 +1,10 @@
-"""Hugging Face <-> MindFormers weight conversion for the Llama family (Llama-2/3, Qwen2/2.5), streamed.
+"""Hugging Face <-> MindFormers weight conversion (Llama-2/3, Qwen2/2.5, Qwen3, Qwen3-MoE), streamed.
 
-Conversion is a rename (see :mod:`.names`): values are copied bit for bit, or cast with ``--dtype``.
-Tensors are read and written one at a time, so peak memory stays near the largest tensor plus one
-memory-mapped input shard, whatever the model size, for every output format (CKPT included: see
-:mod:`mindformers_sft.checkpoint.io`).
+Llama-family conversion is a rename (see :mod:`.names`); Qwen3 fuses q/k/v and gate/up and stacks MoE experts
+(:mod:`.layout_qwen3`). Values are copied bit for bit (or cast with ``--dtype``). The input is read group by
+group (:mod:`.plan`: one tensor, a layer's q/k/v, one MoE layer's experts), so peak memory stays near the
+largest group plus one memory-mapped input shard, whatever the model size, for every output format (CKPT
+included: see :mod:`mindformers_sft.checkpoint.io`).
 
 Every tensor is checked before anything is written: its name must be a weight of the family, its shape
 must be the one :func:`expected_shapes` derives from the model config, and no expected tensor may be
@@ -17,8 +18,8 @@ Model config beside MindFormers weights
     ``--config`` (an HF ``config.json`` or a MindFormers YAML with ``model.model_config``), else the sidecar,
     else the safetensors metadata, else a ``config.json`` in the input's directory.
 
-Tied embeddings (``tie_word_embeddings: true``): the MindFormers side has no ``lm_head.weight`` (the head
-shares ``model.tok_embeddings.embedding_weight``), and the HF side is written without it too, as
+Tied embeddings (``tie_word_embeddings: true``): the MindFormers side has no ``lm_head.weight`` /
+``output_layer.weight`` (the head shares the embedding), and the HF side is written without it too, as
 ``save_pretrained`` does. An ``lm_head.weight`` present in a tied input (stories260K has one, equal to the
 embedding) is dropped: HF ignores it when loading a tied model, so nothing is lost.
 """
@@ -36,11 +37,11 @@ from ..checkpoint.dtypes import dtype_name, to_np_dtype
 from ..checkpoint.io import (CkptWriter, SafetensorsWriter, ShardedSafetensorsWriter, TensorInfo,
                              atomic_write_json, checkpoint_files, file_format, file_infos, parse_size)
 from ..errors import CheckpointError, ConfigError, SFTError
-from .layouts import expected_hf_shapes, expected_shapes, layout_for
+from .layouts import layout_for
 from .names import is_ignored_hf
 from .plan import Plan, out_dtype, output_spec, plan, write_all
-from .spec import (FAMILIES, HF_CONFIG_METADATA_KEY, ModelSpec, find_config_for_mf, load_model_config,
-                   model_family, sidecar_config_path, spec_from_hf_dict)
+from .spec import (HF_CONFIG_METADATA_KEY, MF_ARCH_FLAGS, ModelSpec, apply_flags, find_config_for_mf,
+                   load_model_config, model_family, sidecar_config_path, spec_from_hf_dict)
 
 # Entries of MindFormers training checkpoints that are not model weights (optimizer state, counters).
 MF_IGNORED_PREFIXES = ("adam_m.", "adam_v.", "accu_grads.", "moment1.", "moment2.", "moments.", "optimizer.")
@@ -117,10 +118,11 @@ def _infos(files: Sequence[str]) -> "OrderedDict[str, TensorInfo]":
 
 
 def convert_hf_to_mf(input_path: str, output_path: str, model: Optional[str] = None, dtype=None,
-                     config: Optional[str] = None) -> ConvertResult:
+                     config: Optional[str] = None, qkv_concat: Optional[bool] = None,
+                     arch: Optional[dict] = None) -> ConvertResult:
     """Convert an HF Llama/Qwen2 model (dir, index.json or .safetensors) to MindFormers names in one
     ``.ckpt`` or ``.safetensors`` file, streaming, plus the ``<stem>.config.json`` sidecar."""
-    family = model_family(model)
+    model_family(model)
     np_dtype = to_np_dtype(dtype)
     out = os.path.abspath(output_path)
     fmt = "ckpt" if out.lower().endswith(".ckpt") else "safetensors" if out.lower().endswith(".safetensors") \
@@ -135,8 +137,7 @@ def convert_hf_to_mf(input_path: str, output_path: str, model: Optional[str] = N
         if not os.path.isfile(cpath):
             raise ConfigError(f"{cpath}: no Hugging Face config.json beside the weights; pass --config")
         spec = load_model_config(cpath, model)
-    if family is None:
-        family = spec.config.model_type
+    apply_flags(spec, qkv_concat, arch)
     p = _plan(_infos(files), spec, to_mf=True, input_path=input_path)
 
     hf_cfg = dict(spec.hf_config)
@@ -157,8 +158,8 @@ def convert_hf_to_mf(input_path: str, output_path: str, model: Optional[str] = N
 
 # ------------------------------------------------------------------------------------------ MF -> HF
 def convert_mf_to_hf(input_path: str, output_path: str, model: Optional[str] = None, dtype=None,
-                     config: Optional[str] = None, max_shard_size="5GB", spec: Optional[ModelSpec] = None
-                     ) -> ConvertResult:
+                     config: Optional[str] = None, max_shard_size="5GB", spec: Optional[ModelSpec] = None,
+                     arch: Optional[dict] = None) -> ConvertResult:
     """Convert MindFormers weights (.ckpt/.safetensors file or a directory of them) to an HF model directory
     (config.json + model.safetensors, sharded with model.safetensors.index.json above `max_shard_size`)."""
     model_family(model)
@@ -174,6 +175,7 @@ def convert_mf_to_hf(input_path: str, output_path: str, model: Optional[str] = N
     if spec is None:
         spec = load_model_config(config, model) if config is not None else find_config_for_mf(files, input_path,
                                                                                                model)
+    apply_flags(spec, None, arch)
     p = _plan(_infos(files), spec, to_mf=False, input_path=input_path)
 
     hf_cfg = dict(spec.hf_config)
@@ -213,16 +215,31 @@ def build_parser() -> argparse.ArgumentParser:
     # MindFormers' per-model convert_weight.py flags (HF side / MindSpore side paths).
     p.add_argument("--torch_ckpt_dir", "--torch_ckpt_path", dest="hf_path", default=None, help=argparse.SUPPRESS)
     p.add_argument("--mindspore_ckpt_path", dest="ms_path", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--qkv_concat", default="false", help=argparse.SUPPRESS)
+    p.add_argument("--qkv_concat", default=None,
+                   help="qwen3: true (default, MindFormers 1.8's fused linear_qkv / linear_fc1) or false "
+                        "(linear_q/k/v, mlp.gating/hidden); llama/qwen2: only false")
+    for flag in MF_ARCH_FLAGS:   # MindFormers' reverse-conversion flags: checked against the model config
+        p.add_argument(f"--{flag}", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--max_worker", type=int, default=None, help=argparse.SUPPRESS)   # one streaming process here
     return p
+
+
+def _bool_flag(value, flag: str) -> Optional[bool]:
+    if value is None:
+        return None
+    v = str(value).strip().lower()
+    if v in ("1", "true", "yes"):
+        return True
+    if v in ("0", "false", "no"):
+        return False
+    raise ConfigError(f"{flag}: '{value}' is not a boolean (true/false)")
 
 
 def run(argv: Optional[Sequence[str]] = None) -> ConvertResult:
     """Parse flags and convert; raises SFTError (ConfigError / CheckpointError) on bad input."""
     args = build_parser().parse_args(argv)
-    if str(args.qkv_concat).strip().lower() in ("1", "true", "yes"):
-        raise ConfigError("--qkv_concat: concatenated q/k/v (w_qkv) weights are not supported; "
-                          "the separate wq/wk/wv layout is written")
+    args.qkv_concat = _bool_flag(args.qkv_concat, "--qkv_concat")
+    args.arch = {f: getattr(args, f) for f in MF_ARCH_FLAGS if getattr(args, f) is not None}
     src_alias, dst_alias = (args.ms_path, args.hf_path) if args.reversed else (args.hf_path, args.ms_path)
     for flag, val, alias, aname in (("--input_path", args.input_path, src_alias, "input"),
                                     ("--output_path", args.output_path, dst_alias, "output")):
@@ -237,7 +254,7 @@ def run(argv: Optional[Sequence[str]] = None) -> ConvertResult:
     model_family(args.model)
     if args.reversed:
         return _reversed(args, inp, outp)
-    return convert_hf_to_mf(inp, outp, args.model, args.dtype, args.config)
+    return convert_hf_to_mf(inp, outp, args.model, args.dtype, args.config, args.qkv_concat, args.arch)
 
 
 def _reversed(args, inp, outp) -> ConvertResult:
@@ -266,7 +283,8 @@ def _reversed(args, inp, outp) -> ConvertResult:
     if args.config is None and entry and entry.get("hf_config"):
         spec = spec_from_hf_dict(entry["hf_config"], os.path.join(os.path.dirname(inp), "meta.json"),
                                   model_family(args.model))
-    return convert_mf_to_hf(inp, outp, args.model, args.dtype, args.config, args.max_shard_size, spec=spec)
+    return convert_mf_to_hf(inp, outp, args.model, args.dtype, args.config, args.max_shard_size, spec=spec,
+                            arch=args.arch)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

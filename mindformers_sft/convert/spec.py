@@ -132,3 +132,27 @@ def find_config_for_mf(files: Sequence[str], input_path: str, model: Optional[st
     raise ConfigError(f"{input_path}: no model config found (no {os.path.basename(sidecar_config_path(files[0]))} "
                       "sidecar, no config in the file's metadata, no config.json beside it); pass --config "
                       "with an HF config.json or a MindFormers YAML")
+
+
+# MindFormers 1.8 reverse-conversion flags (toolkit/weight_convert/qwen3*/reverse_*.py) -> LlamaConfig fields.
+# The architecture here comes from the model config; these flags, when given, must agree with it.
+MF_ARCH_FLAGS = {"num_layers": "num_layers", "num_attention_heads": "num_heads", "num_query_groups": "n_kv_heads",
+                 "kv_channels": "head_dim", "hidden_size": "hidden_size", "ffn_hidden_size": "intermediate_size",
+                 "num_routed_experts": "num_experts", "moe_ffn_hidden_size": "moe_intermediate_size"}
+
+
+def apply_flags(spec: ModelSpec, qkv_concat: Optional[bool] = None, arch: Optional[dict] = None) -> ModelSpec:
+    """--qkv_concat (Qwen3: fused linear_qkv / linear_fc1 or split linear_q/k/v, gating/hidden; Llama: only
+    the separate wq/wk/wv layout) and MindFormers' architecture flags, checked against `spec`."""
+    cfg = spec.config
+    if qkv_concat is not None:
+        if cfg.is_qwen3:
+            cfg.qkv_concat = qkv_concat
+        elif qkv_concat:
+            raise ConfigError("--qkv_concat: concatenated q/k/v (w_qkv) weights are not supported for "
+                              f"{cfg.model_type}; the separate wq/wk/wv layout is written")
+    for flag, value in (arch or {}).items():
+        have = getattr(cfg, MF_ARCH_FLAGS[flag])
+        if value is not None and value != have:
+            raise ConfigError(f"--{flag} {value} disagrees with {spec.source} ({MF_ARCH_FLAGS[flag]} = {have})")
+    return spec

@@ -274,3 +274,23 @@ def test_our_model_from_the_mindformers_checkpoint_gives_transformers_logits(mod
     load_state_dict(model, load_tensors(ck), strict=True, source=ck)    # every parameter, nothing left over
     ours = model.logits(Tensor(np.array(IDS, np.int32))).asnumpy()
     assert np.abs(ours - ref.numpy()).max() < 1e-4
+
+
+def test_qkv_concat_false_and_mindformers_arch_flags(models, tmp_path):
+    """--qkv_concat false writes linear_q/k/v and mlp.gating/hidden (the model's qkv_concat False layout), which
+    --reversed recognises by name; MindFormers' reverse flags (--num_layers, --kv_channels, ...) must agree."""
+    src, ref = models[("qwen3", False)]
+    orig = hf_tensors(src)
+    mf = str(tmp_path / "split.ckpt")
+    run(["--model", "qwen3", "--qkv_concat", "false", "--input_path", src, "--output_path", mf])
+    got = load_tensors(mf)
+    assert np.array_equal(got["decoder.layers.0.self_attention.linear_k.weight"],
+                          orig["model.layers.0.self_attn.k_proj.weight"])
+    assert np.array_equal(got["decoder.layers.2.mlp.hidden.weight"], orig["model.layers.2.mlp.up_proj.weight"])
+    assert not any("linear_qkv" in k or "linear_fc1" in k for k in got)
+    back = str(tmp_path / "hf")
+    run(["--model", "qwen3", "--reversed", "--input_path", mf, "--output_path", back, "--num_layers", "3",
+         "--num_attention_heads", "4", "--num_query_groups", "2", "--kv_channels", "16", "--max_worker", "16"])
+    assert all(hf_tensors(back)[k].tobytes() == v.tobytes() for k, v in orig.items())
+    with pytest.raises(ConfigError, match="--kv_channels 128 disagrees with .*split.config.json \\(head_dim = 16\\)"):
+        run(["--reversed", "--input_path", mf, "--output_path", str(tmp_path / "x"), "--kv_channels", "128"])
