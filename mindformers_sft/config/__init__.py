@@ -94,44 +94,35 @@ def _check(user: dict, schema: dict, path: str):
 
 
 def _check_callbacks(parent, cbs):
-    if not isinstance(cbs, list):
-        raise ConfigError(f"{where(parent, 'callbacks')}: 'callbacks' expects a list of {{type: ...}} entries")
-    for i, cb in enumerate(cbs):
-        if not isinstance(cb, dict) or "type" not in cb:
-            raise ConfigError(f"{where(parent, 'callbacks')}: callbacks[{i}] needs a 'type' key")
-        t = cb["type"]
-        if t not in CALLBACKS:
-            raise ConfigError(f"{where(cb, 'type')}: unknown callback type '{t}'{_closest(t, CALLBACKS)}")
-        keys = CALLBACKS[t]
-        if keys == OPEN:
-            continue
-        for k, v in cb.items():
-            if k == "type":
-                continue
-            if k not in keys:
-                raise ConfigError(f"{where(cb, k)}: unknown key 'callbacks[{i}].{k}' for {t}{_closest(k, keys)}")
-            if not _type_ok(keys[k], v):
-                raise ConfigError(f"{where(cb, k)}: 'callbacks[{i}].{k}' expects {type(keys[k]).__name__}, got {v!r}")
+    _check_typed_list(parent, "callbacks", cbs, "callbacks", CALLBACKS, "callback type")
 
 
 def _check_handlers(parent, steps, name):
     """HFDataLoader handler steps: a {type: ...} or a list of them; types and keys by MindFormers' names."""
-    steps = [steps] if isinstance(steps, dict) else steps
-    if not isinstance(steps, list):
-        raise ConfigError(f"{where(parent, 'handler')}: '{name}' expects a list of {{type: ...}} steps")
-    for i, step in enumerate(steps):
-        if not isinstance(step, dict) or "type" not in step:
-            raise ConfigError(f"{where(parent, 'handler')}: {name}[{i}] needs a 'type' key")
-        t = step["type"]
-        if t not in HANDLERS:
-            raise ConfigError(f"{where(step, 'type')}: unknown handler '{t}'{_closest(t, HANDLERS)} (handlers: "
-                              f"{', '.join(HANDLERS)})")
-        keys = HANDLERS[t]
+    _check_typed_list(parent, "handler", [steps] if isinstance(steps, dict) else steps, name, HANDLERS, "handler")
+
+
+def _check_typed_list(parent, key, items, name, table, what):
+    """A list of {type: T, key: value, ...} entries: T one of `table`, keys (and their types) those of table[T]."""
+    if not isinstance(items, list):
+        raise ConfigError(f"{where(parent, key)}: '{name}' expects a list of {{type: ...}} entries")
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or "type" not in item:
+            raise ConfigError(f"{where(parent, key)}: {name}[{i}] needs a 'type' key")
+        t = item["type"]
+        if t not in table:
+            extra = f" ({what}s: {', '.join(table)})" if what == "handler" else ""
+            raise ConfigError(f"{where(item, 'type')}: unknown {what} '{t}'{_closest(t, table)}{extra}")
+        keys = table[t]
         if keys == OPEN:
-            continue      # a datasets.Dataset method: its arguments are checked against its signature when it runs
-        for k, v in step.items():
-            if k != "type" and k not in keys:
-                raise ConfigError(f"{where(step, k)}: unknown key '{name}[{i}].{k}' for {t}{_closest(k, keys)}")
+            continue      # handlers: a datasets.Dataset method, its arguments checked against its signature when run
+        for k, v in item.items():
+            if k == "type":
+                continue
+            if k not in keys:
+                raise ConfigError(f"{where(item, k)}: unknown key '{name}[{i}].{k}' for {t}{_closest(k, keys)}")
+            if not _type_ok(keys[k], v):
+                raise ConfigError(f"{where(item, k)}: '{name}[{i}].{k}' expects {type(keys[k]).__name__}, got {v!r}")
 
 
 def _schema_for(user) -> dict:
@@ -313,7 +304,7 @@ def _check_dataset_strategy(cfg):
 
 CKPT_FORMATS = ("ckpt", "safetensors")
 DATASET_TASKS = ("CausalLanguageModelDataset",)
-RUN_MODES = ("train", "finetune", "eval", "predict", "chat", "plan")
+RUN_MODES = ("train", "finetune", "eval", "predict", "chat", "plan", "serve")
 OPTIMIZERS = ("AdamW", "AdamWeightDecay", "FP32StateAdamWeightDecay", "adamw")
 LR_SCHEDULES = ("CosineWithWarmUpLR", "LinearWithWarmUpLR", "ConstantWarmUpLR", "constant", "cosine", "linear",
                 "CosineWithRestartsAndWarmUpLR", "PolynomialWithWarmUpLR")
