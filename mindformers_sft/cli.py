@@ -49,7 +49,8 @@ def build_parser():
     p.add_argument("--auto_trans_ckpt", type=str2bool)
     p.add_argument("--only_save_strategy", type=str2bool)
     p.add_argument("--vocab_file", help="tokenizer file or directory (sets processor.tokenizer.vocab_file)")
-    p.add_argument("--predict_data", nargs="+", help="prompt(s) for --run_mode predict")
+    p.add_argument("--predict_data", nargs="+", help="prompt(s) for --run_mode predict, or one dataset file "
+                                                     "(.json/.jsonl/.parquet/.csv) to predict and score")
     p.add_argument("--chat_template", help="predict: wrap each prompt as a user turn of this template (default: the "
                                            "training data's template for SFTDataLoader; 'none' sends it as is)")
     p.add_argument("--max_new_tokens", type=int)
@@ -57,9 +58,26 @@ def build_parser():
     p.add_argument("--temperature", type=float)
     p.add_argument("--top_k", type=int)
     p.add_argument("--top_p", type=float)
+    add_evaluation_flags(p)
     p.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override any YAML key: --options runner_config.epochs=3 optimizer.learning_rate=1e-4")
     return p
+
+
+EVAL_FLAGS = ("tasks", "num_fewshot", "limit", "eval_batch_size", "include_path", "predict_split", "predict_limit")
+
+
+def add_evaluation_flags(p):
+    g = p.add_argument_group("evaluation (lm-evaluation-harness tasks, predictions over a dataset)")
+    g.add_argument("--tasks", help="eval: lm-eval task names, comma-separated (e.g. alpaca_mc,alpaca_ppl,mmlu); "
+                                   "without it eval reports loss and perplexity")
+    g.add_argument("--num_fewshot", type=int, help="eval --tasks: few-shot examples per prompt")
+    g.add_argument("--limit", type=float, help="eval --tasks: at most N documents per task (a fraction if < 1)")
+    g.add_argument("--eval_batch_size", type=int, help="eval --tasks / predict over a file: batch size "
+                                                       "(default runner_config.batch_size)")
+    g.add_argument("--include_path", nargs="+", help="eval --tasks: directories of extra task YAML files")
+    g.add_argument("--predict_split", help="predict over a file: records to use, e.g. 'train[90%%:]'")
+    g.add_argument("--predict_limit", type=int, help="predict over a file: at most N records")
 
 
 FLAG_KEYS = {
@@ -81,7 +99,8 @@ def main(argv=None):
     if args.batch_size is not None:
         overrides["train_dataset.batch_size"] = args.batch_size
     predict = {k: getattr(args, k) for k in ("predict_data", "max_new_tokens", "do_sample", "temperature",
-                                             "top_k", "top_p", "chat_template") if getattr(args, k) is not None}
+                                             "top_k", "top_p", "chat_template") + EVAL_FLAGS
+               if getattr(args, k) is not None}
     try:
         from . import run
         if args.register_path:

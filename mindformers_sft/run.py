@@ -261,7 +261,7 @@ def run(cfg, predict: dict = None):
     if cfg.run_mode in ("train", "finetune"):
         return _train(cfg, rank, log)
     if cfg.run_mode == "eval":
-        return _eval(cfg, rank, log)
+        return _eval(cfg, rank, log, predict or {})
     if cfg.run_mode == "chat":
         if rank.world_size > 1:
             raise ConfigError("run_mode chat reads stdin in one process: run it with --use_parallel False")
@@ -310,7 +310,9 @@ def _train(cfg, rank, log):
     return 0
 
 
-def _eval(cfg, rank, log):
+def _eval(cfg, rank, log, extra=None):
+    if extra and extra.get("tasks"):
+        return _eval_tasks(cfg, rank, log, extra)
     from .trainer.loop import evaluate
     model = build_model(cfg, rank.rank, log)
     check_tokenizer(cfg, model.config)
@@ -342,11 +344,42 @@ def _predict(cfg, predict, log):
     prompts = predict.get("predict_data")
     if not prompts:
         raise ConfigError("run_mode predict needs --predict_data \"your prompt\"")
+    from .evaluation.predict_dataset import is_dataset_file
+    if is_dataset_file(prompts):
+        return _predict_dataset(cfg, predict, log)
     model, tok, template, gen = _generation(cfg, predict, log)
     for text in prompts:   # each prompt as a user turn in the template the model was fine-tuned with
         ids = prompt_ids(template, tok, [("user", text)])
         completion, out = reply(model, tok, ids, gen, model.config.eos_token_ids, cfg.seed)
         print(json.dumps({"prompt": text, "completion": completion, "tokens": out}, ensure_ascii=False))
+    return 0
+
+
+def _eval_tasks(cfg, rank, log, extra):
+    """--run_mode eval --tasks: lm-evaluation-harness tasks on this model (evaluation/harness.py)."""
+    if rank.world_size > 1:
+        raise ConfigError("--tasks runs in one process: use --use_parallel False")
+    from .evaluation.harness import parse_tasks, run_tasks
+    from .evaluation.lm_eval_model import MindFormersLM
+    names = parse_tasks(extra["tasks"])
+    model = build_model(cfg, rank.rank, log)
+    tok = check_tokenizer(cfg, model.config)
+    lm = MindFormersLM(model=model, tokenizer=tok, seed=cfg.seed,
+                       batch_size=extra.get("eval_batch_size") or cfg.runner_config.batch_size)
+    run_tasks(lm, names, extra.get("num_fewshot"), extra.get("limit"), extra.get("include_path"),
+              cfg.output_dir, log)
+    return 0
+
+
+def _predict_dataset(cfg, predict, log):
+    """--run_mode predict --predict_data FILE: predictions and BLEU/ROUGE over a dataset (evaluation/)."""
+    from .evaluation.predict_dataset import predict_file
+    model, tok, template, gen = _generation(cfg, predict, log)
+    dl = cfg.eval_dataset.data_loader if cfg.eval_dataset.data_loader.type == "SFTDataLoader" \
+        else cfg.train_dataset.data_loader
+    predict_file(predict["predict_data"][0], model, tok, template, gen, dl, cfg.output_dir, cfg.seed,
+                 predict.get("predict_split"), predict.get("predict_limit"),
+                 predict.get("eval_batch_size") or cfg.runner_config.batch_size, log=log)
     return 0
 
 
