@@ -260,6 +260,9 @@ def _fill(cfg: Config):
     if cfg.load_ckpt_format not in CKPT_FORMATS:
         raise ConfigError(f"load_ckpt_format: '{cfg.load_ckpt_format}' is not one of {', '.join(CKPT_FORMATS)}"
                           f"{_closest(cfg.load_ckpt_format, CKPT_FORMATS)}")
+    if cfg.trainer.type not in TRAINERS:
+        raise ConfigError(f"trainer.type: '{cfg.trainer.type}' is not supported; expected {', '.join(TRAINERS)}"
+                          f"{_closest(cfg.trainer.type, TRAINERS)}")
     for key in ("train_dataset_task", "eval_dataset_task"):
         task = cfg.get(key)
         if isinstance(task, dict) and task.get("type") not in (None,) + DATASET_TASKS:
@@ -304,6 +307,7 @@ def _check_dataset_strategy(cfg):
 
 CKPT_FORMATS = ("ckpt", "safetensors")
 DATASET_TASKS = ("CausalLanguageModelDataset",)
+TRAINERS = ("CausalLanguageModelingTrainer",)
 RUN_MODES = ("train", "finetune", "eval", "predict", "chat", "plan", "serve")
 OPTIMIZERS = ("AdamW", "AdamWeightDecay", "FP32StateAdamWeightDecay", "adamw")
 LR_SCHEDULES = ("CosineWithWarmUpLR", "LinearWithWarmUpLR", "ConstantWarmUpLR", "constant", "cosine", "linear",

@@ -193,3 +193,20 @@ def test_readme_tiny_command_resolves(monkeypatch):
     assert (conf.model_type, conf.num_layers, conf.hidden_size, conf.head_dim, conf.n_kv_heads, conf.vocab_size,
             conf.tie_word_embeddings) == ("qwen3", ref.num_hidden_layers, ref.hidden_size, ref.head_dim,
                                           ref.num_key_value_heads, ref.vocab_size, False)   # YAML unties (random init)
+
+
+def test_moe_pretrain_model_config_builds():
+    """configs/qwen3_moe/pretrain_qwen3_30b_a3b_4k.yaml's model_config describes Qwen3-30B-A3B as transformers does."""
+    import transformers
+    from mindformers_sft.models.config import LlamaConfig
+    conf = LlamaConfig.from_dict(load_config(os.path.join(MF, "pretrain_qwen3_30b_a3b_4k.yaml")).model.model_config)
+    ref = transformers.Qwen3MoeConfig(vocab_size=151936, hidden_size=2048, num_hidden_layers=48, num_attention_heads=32,
+                                      num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+                                      moe_intermediate_size=768, norm_topk_prob=False, rope_theta=1000000,
+                                      max_position_embeddings=40960, tie_word_embeddings=False)
+    assert (conf.model_type, conf.num_layers, conf.num_heads, conf.n_kv_heads, conf.head_dim, conf.num_experts,
+            conf.num_experts_per_tok, conf.moe_intermediate_size, conf.norm_topk_prob, conf.theta,
+            conf.tie_word_embeddings) == (ref.model_type, ref.num_hidden_layers, ref.num_attention_heads,
+                                          ref.num_key_value_heads, ref.head_dim, ref.num_experts,
+                                          ref.num_experts_per_tok, ref.moe_intermediate_size, ref.norm_topk_prob,
+                                          ref.rope_theta, ref.tie_word_embeddings)
