@@ -104,7 +104,7 @@ def lora_adapters(mc, mp: int, ep: int = 1) -> tuple:
                 n_dev += (r * lin.fan_in + lin.fan_out * r // mp if lin.kind == COLUMN
                           else r * lin.fan_in // mp + lin.fan_out * r)
         if sh.sparse[i] and pattern.fullmatch(f"{sh.layer_prefix}.{i}.mlp.experts"):
-            n = sh.num_experts * r * (3 * sh.hidden + 3 * sh.moe_intermediate)
+            n = sh.num_experts * r * (2 * sh.hidden + 3 * sh.moe_intermediate)
             total += n
             n_exp = n // ep
         per_layer.append((n_dev + n_exp, n_exp))

@@ -251,5 +251,6 @@ def preflight(cfg, mc, rank, log=print):
     if mdm and est["total"] > mdm:
         log(f"[plan] warning: estimated {est['total'] / GIB:.1f} GiB per device exceeds context.max_device_memory "
             f"{_get(cfg.context, 'max_device_memory')}; enable optimizer sharding or recompute, raise "
-            "model_parallel / pipeline_stage, or lower batch_size / seq_length")
+            f"model_parallel / pipeline_stage{' / expert_parallel (with more devices)' if est['num_experts'] else ''}"
+            ", or lower batch_size / seq_length")
     return est

@@ -126,6 +126,34 @@ def test_apply_strategies_reaches_the_qwen3_ops():
     assert tuple(attn.q_layernorm.weight.shape) == sh["self_attention.q_layernorm"][1]
 
 
+def test_apply_strategies_reaches_the_moe_block_and_plan_counts_its_lora():
+    from mindformers_sft.models import build_model
+    from mindformers_sft.parallel.memory import estimate_memory, param_counts
+    from mindformers_sft.pet.lora import apply_lora
+    pet = {"pet_type": "lora", "lora_rank": 2, "target_modules": ".*linear_qkv|.*linear_proj|.*mlp.experts"}
+    mc = LlamaConfig(model_type="qwen3_moe", vocab_size=64, hidden_size=32, num_layers=3, num_heads=4, n_kv_heads=2,
+                     head_dim=16, intermediate_size=48, num_experts=4, num_experts_per_tok=2,
+                     moe_intermediate_size=24, mlp_only_layers=[1], pet_config=pet)
+    model = build_model(mc)
+    pc = {"data_parallel": 2, "model_parallel": 2, "pipeline_stage": 1, "expert_parallel": 4,
+          "use_seq_parallel": True}
+    assert param_counts(mc)["total"] == sum(p.size for p in model.get_parameters())
+    apply_lora(model, pet)
+    est = estimate_memory(mc, pc, False, False, 1, 8)
+    assert est["trainable_total"] == sum(p.size for p in model.trainable_params())
+    assert est["params_total"] == sum(p.size for p in model.get_parameters())
+    res = apply_strategies(model, pc, force=True)
+    sparse, dense = model.decoder.layers[0].mlp, model.decoder.layers[1].mlp
+    assert sparse.router.matmul.in_strategy == ((4, 1), (1, 1))                 # tokens over dp x mp
+    assert sparse.experts.bmm_lora.in_strategy == ((4, 1, 1), (4, 1, 1))         # expert adapters on ep
+    assert dense.linear_fc1.matmul.in_strategy == ((2, 1), (2, 1))               # mlp_only_layers: dense MLP
+    assert "decoder.layers.1.mlp.router.matmul" not in res["applied"]
+    assert "experts" in res["missing"]                                           # no all-to-all dispatch yet
+    sh = shapes(mc, 1, 8)
+    assert tuple(sparse.router.weight.shape) == sh["mlp.router"][1]
+    assert tuple(sparse.experts.lora_a1.shape) == sh["mlp.experts.lora"][0][:1] + (2, 32)
+
+
 # ------------------------------------------------------------------------------------------ checkpoint layouts
 def _moe_state(E=4, H=8, F=6, layers=2):
     rng = np.random.default_rng(0)
