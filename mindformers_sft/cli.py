@@ -29,7 +29,7 @@ def build_parser():
     p = argparse.ArgumentParser(prog="run_mindformer.py",
                                 description="Fine-tune, evaluate and run Llama/Qwen2 models (MindFormers-style).")
     p.add_argument("--config", help="YAML config (MindFormers sections)")
-    p.add_argument("--run_mode", choices=["train", "finetune", "eval", "predict", "chat", "plan"])
+    p.add_argument("--run_mode", choices=["train", "finetune", "eval", "predict", "chat", "plan", "serve"])
     p.add_argument("--use_parallel", type=str2bool, help="True under msrun (data parallel)")
     p.add_argument("--load_checkpoint", help="CKPT/safetensors file, a checkpoint dir (rank_N), or a HF directory")
     p.add_argument("--train_dataset_dir", "--train_dataset", dest="train_dataset_dir")
@@ -58,6 +58,9 @@ def build_parser():
     p.add_argument("--temperature", type=float)
     p.add_argument("--top_k", type=int)
     p.add_argument("--top_p", type=float)
+    p.add_argument("--host", help="serve: address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="serve: port (default 8000)")
+    p.add_argument("--api_key", help="serve: every request needs 'Authorization: Bearer API_KEY'")
     add_evaluation_flags(p)
     p.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override any YAML key: --options runner_config.epochs=3 optimizer.learning_rate=1e-4")
@@ -101,6 +104,9 @@ def main(argv=None):
     predict = {k: getattr(args, k) for k in ("predict_data", "max_new_tokens", "do_sample", "temperature",
                                              "top_k", "top_p", "chat_template") + EVAL_FLAGS
                if getattr(args, k) is not None}
+    serve = {k: getattr(args, k) for k in ("host", "port", "api_key") if getattr(args, k) is not None}
+    if serve:
+        predict["serve"] = serve
     try:
         from . import run
         if args.register_path:

@@ -175,7 +175,7 @@ def build_model(cfg, rank=0, log=print):
         base, adapters, src = read_weights(cfg.load_checkpoint, rank, warn=log, config=conf)
         load_state_dict(model, base, strict=True, source=src)
         log(f"[model] loaded {len(base)} tensors from {src}")
-    elif cfg.run_mode in ("finetune", "eval", "predict", "chat"):
+    elif cfg.run_mode in ("finetune", "eval", "predict", "chat", "serve"):
         raise ConfigError(f"run_mode {cfg.run_mode} needs load_checkpoint (pretrained weights); "
                           "use run_mode train to start from random weights")
     n = recompute_layers(cfg.recompute_config.recompute, conf.num_layers)
@@ -266,6 +266,8 @@ def run(cfg, predict: dict = None):
         if rank.world_size > 1:
             raise ConfigError("run_mode chat reads stdin in one process: run it with --use_parallel False")
         return _chat(cfg, predict or {}, log)
+    if cfg.run_mode == "serve":
+        return _serve(cfg, predict or {}, log)
     return _predict(cfg, predict or {}, log)
 
 
@@ -393,6 +395,15 @@ def _chat(cfg, predict, log):
     chat(model, tok, template, gen, model.config.eos_token_ids, cfg.seed, sys.stdin,
          lambda line: print(line, flush=True), max_context)
     return 0
+
+
+def _serve(cfg, predict, log):
+    """--run_mode serve: the OpenAI-compatible API and chat page (serving/)."""
+    from . import serving
+    if cfg.use_parallel:
+        raise ConfigError("run_mode serve runs one process: use --use_parallel False")
+    serve = predict.get("serve", {})
+    return serving.main(cfg, {k: v for k, v in predict.items() if k != "serve"}, log=log, **serve)
 
 
 def _predict_template(cfg, name, tok):
