@@ -53,8 +53,18 @@ def big_hf(tmp_path_factory):
                        p + "mlp.down_proj.weight": r(H, FF), p + "input_layernorm.weight": r(H),
                        p + "post_attention_layernorm.weight": r(H)})
     shards.append({"model.norm.weight": r(H), "lm_head.weight": r(V, H)})
-    n = len(shards)
-    weight_map, total = {}, 0
+    total = _save_shards(d, shards)
+    (d / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": H, "intermediate_size": FF,
+        "num_hidden_layers": L, "num_attention_heads": 8, "num_key_value_heads": 8, "vocab_size": V,
+        "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "hidden_act": "silu", "tie_word_embeddings": False,
+        "torch_dtype": "float32"}))
+    return str(d), total, _largest(d)
+
+
+def _save_shards(d, shards):
+    """Write `shards` (list of dicts) as an HF sharded directory with its index; the total tensor bytes."""
+    n, weight_map, total = len(shards), {}, 0
     for i, sh in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
         save_file(sh, str(d / name), metadata={"format": "pt"})
@@ -62,13 +72,11 @@ def big_hf(tmp_path_factory):
             weight_map[k] = name
             total += v.nbytes
     (d / HF_INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
-    (d / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": H, "intermediate_size": FF,
-        "num_hidden_layers": L, "num_attention_heads": 8, "num_key_value_heads": 8, "vocab_size": V,
-        "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "hidden_act": "silu", "tie_word_embeddings": False,
-        "torch_dtype": "float32"}))
-    largest = max(os.path.getsize(d / f) for f in set(weight_map.values()))
-    return str(d), total, largest
+    return total
+
+
+def _largest(d):
+    return max(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d) if f.endswith(".safetensors"))
 
 
 @pytest.fixture(scope="module")
@@ -147,22 +155,14 @@ def big_moe(tmp_path_factory):
                        p + f"mlp.experts.{e}.down_proj.weight": r(h, QIM)})
         shards.append(sh)
     shards.append({"model.norm.weight": r(h), "lm_head.weight": r(QV, h)})
-    n, weight_map, total = len(shards), {}, 0
-    for i, sh in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        save_file(sh, str(d / name), metadata={"format": "pt"})
-        for k, v in sh.items():
-            weight_map[k] = name
-            total += v.nbytes
-    (d / HF_INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    total = _save_shards(d, shards)
     (d / "config.json").write_text(json.dumps({
         "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": h,
         "intermediate_size": 512, "num_hidden_layers": QL, "num_attention_heads": nh, "num_key_value_heads": nkv,
         "head_dim": hd, "vocab_size": QV, "max_position_embeddings": 256, "rms_norm_eps": 1e-6,
         "tie_word_embeddings": False, "num_experts": QE, "num_experts_per_tok": 2, "moe_intermediate_size": QIM,
         "decoder_sparse_step": 1, "mlp_only_layers": [], "torch_dtype": "float32"}))
-    largest = max(os.path.getsize(d / f) for f in set(weight_map.values()))
-    return str(d), total, largest, sum(len(s) for s in shards)
+    return str(d), total, _largest(d), sum(len(s) for s in shards)
 
 
 def test_qwen3_moe_grouped_conversion_streams(big_moe, baseline, tmp_path):

@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from safetensors.numpy import load_file as np_load_file, save_file as np_save_file
+from safetensors.numpy import save_file as np_save_file
 
 import mindspore as ms
 
 from mindformers_sft.checkpoint import HF_INDEX_NAME, load_tensors, verify
 from mindformers_sft.convert import run, sidecar_config_path
 from mindformers_sft.errors import CheckpointError, ConfigError
+from tests.convert.test_convert_weight import _hf_tensors as hf_tensors
 
 V, H, NH, NKV, D, FF, IM, E = 160, 32, 4, 2, 16, 48, 24, 8      # head_dim 16 != hidden/heads = 8; GQA
 IDS = [[1, 5, 17, 33, 2, 99, 150, 7, 64, 3]]
@@ -49,14 +50,6 @@ def make_hf(path, kind="qwen3", tie=False, seed=0, shard="60KB"):
     with torch.no_grad():
         logits = model(torch.tensor(IDS)).logits
     return model, logits
-
-
-def hf_tensors(d):
-    out = {}
-    for f in sorted(os.listdir(d)):
-        if f.endswith(".safetensors"):
-            out.update(np_load_file(os.path.join(d, f)))
-    return out
 
 
 def hf_logits(d):
