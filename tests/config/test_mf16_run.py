@@ -31,7 +31,7 @@ def qwen3_dir(tmp_path_factory):
     conf = transformers.Qwen3Config(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                     num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                     max_position_embeddings=512, tie_word_embeddings=True, rope_theta=1e6)
-    transformers.Qwen3ForCausalLM(conf).save_pretrained(out, safe_serialization=True)
+    transformers.Qwen3ForCausalLM(conf).save_pretrained(out, safe_serialization=True, max_shard_size="1MB")
     tok = os.path.join(ASSETS, "tokenizers", "qwen3")
     for f in ("vocab.json", "merges.txt", "tokenizer_config.json"):
         shutil.copy(os.path.join(tok, f), out)
@@ -44,6 +44,7 @@ def test_tiny_qwen3_finetune_and_resume(qwen3_dir, tmp_path):
     rc, so, se = run("--config", CONFIG, *opts, "runner_config.max_steps=2")
     assert rc == 0, se[-3000:]
     assert so.count("no effect on this device (CPU)") == 1 and "context.ascend_config.precision_mode" in so
+    assert os.path.isfile(os.path.join(qwen3_dir, "model.safetensors.index.json"))      # sharded weights
     assert f"weights from pretrained_model_dir {qwen3_dir}" in so and "step 2/2" in so
     assert "[data] HFDataLoader assets/data/alpaca_en_demo.json:" in so
     ckdir = os.path.join(out, "checkpoint", "rank_0")
