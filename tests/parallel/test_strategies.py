@@ -78,6 +78,17 @@ def devices_used(op, st):
     return math.prod(f for t in st for f in t)        # Gather, loss: independent inputs
 
 
+def assert_splits_fit(st, sh):
+    """Every op has a strategy, one split per dimension of each input, each split dividing its dimension."""
+    assert set(st) == set(sh)
+    for op, strategy in st.items():
+        assert len(strategy) == len(sh[op]), op
+        for split, dims in zip(strategy, sh[op]):
+            assert len(split) == len(dims), (op, split, dims)
+            for f, d in zip(split, dims):
+                assert f >= 1 and d % f == 0, f"{op}: split {split} does not divide shape {dims}"
+
+
 LAYOUTS = [(path, mp, vocab_emb_dp) for path in (LLAMA, QWEN) for mp in (2, 4, 8) for vocab_emb_dp in (True, False)]
 
 
@@ -97,13 +108,8 @@ def test_strategies_fit_the_real_shapes(path, mp, vocab_emb_dp):
     preflight(cfg, mc, RankInfo(world_size=8), log=lambda *a: None)
     st = layer_strategies(mc, pc)
     sh = shapes(mc, global_batch=cfg.runner_config.batch_size * dp, seq=mc.seq_length)
-    assert set(st) == set(sh)
+    assert_splits_fit(st, sh)
     for op, strategy in st.items():
-        assert len(strategy) == len(sh[op]), op
-        for split, dims in zip(strategy, sh[op]):
-            assert len(split) == len(dims), (op, split, dims)
-            for f, d in zip(split, dims):
-                assert f >= 1 and d % f == 0, f"{op}: split {split} does not divide shape {dims}"
         assert devices_used(op, strategy) <= dp * mp, (op, strategy)
     col, row = ((dp, 1), (mp, 1)), ((dp, mp), (1, mp))
     for op in ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3"):
