@@ -194,10 +194,10 @@ def convert_mf_to_hf(input_path: str, output_path: str, model: Optional[str] = N
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="convert_weight.py",
-        description="Convert Llama/Qwen2 weights between Hugging Face (safetensors) and MindFormers "
-                    "(.ckpt or .safetensors) names, streaming one tensor at a time.")
+        description="Convert Llama/Qwen2/Qwen3/Qwen3-MoE weights between Hugging Face (safetensors) and "
+                    "MindFormers (.ckpt or .safetensors) names and layouts, streaming one tensor group at a time.")
     p.add_argument("--model", default=None,
-                   help="llama | qwen2 | qwen2_5 (default: the config's model_type)")
+                   help="llama | qwen2 | qwen2_5 | qwen3 | qwen3_moe (default: the config's model_type)")
     p.add_argument("--reversed", action="store_true", help="MindFormers -> Hugging Face directory")
     p.add_argument("--input_path", default=None,
                    help="HF model dir / index.json / .safetensors (forward); MindFormers .ckpt / .safetensors "
