@@ -101,3 +101,22 @@ def test_tiny_configs_plan_and_train_on_cpu(path, tmp_path, capsys):
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses), out[-2000:]
     # from random weights the model predicts about uniformly over the 151936-token vocabulary: loss ~ ln(V)
     assert abs(losses[0] - math.log(151936)) < 0.1
+
+
+def test_lora_30b_context_is_semi_auto_for_expert_parallel_and_data_parallel_on_cpu(tmp_path):
+    """expert_parallel > 1 alone (mp 1, no optimizer shard for LoRA here) asks for semi-auto parallel on Ascend;
+    on CPU it is dropped with a note. MindSpore accepts the arguments."""
+    import mindspore as ms
+    from mindformers_sft.parallel.context import parallel_context
+    cfg = load_config(os.path.join(ROOT, "configs/qwen3_moe/lora_qwen3_30b_a3b.yaml"),
+                      [f"output_dir={tmp_path}", "parallel.enable_parallel_optimizer=False",
+                       "parallel_config.optimizer_shard=False"])
+    ctx = parallel_context(cfg, world=8, rank=0, device="Ascend")
+    assert ctx.mode == "semi_auto_parallel"
+    try:
+        ms.set_auto_parallel_context(**ctx.kwargs)
+        assert ms.get_auto_parallel_context("parallel_mode") == "semi_auto_parallel"
+    finally:
+        ms.reset_auto_parallel_context()
+    cpu = parallel_context(cfg, world=8, rank=0, device="CPU")
+    assert cpu.mode == "data_parallel" and any("expert_parallel 8 needs semi-auto" in n for n in cpu.notes)
