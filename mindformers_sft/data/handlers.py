@@ -48,6 +48,7 @@ class ChainContext:
     cache_dir: str = ""
     rejects: list = field(default_factory=list)        # (Location, reason)
     packed: bool = False
+    made_rows: bool = False                              # a tokenizing or packing step wrote input_ids/labels
     _tokenizer: object = None
 
     @property
@@ -292,7 +293,7 @@ def packing_step(ds, kwargs: dict, ctx: ChainContext, step: str):
     pad_id = kwargs.get("pad_token_id")
     pad_id = pad_id_of(ctx.tokenizer) if pad_id is None else int(pad_id)
     max_samples = int(kwargs.get("pack_max_samples") or default_pack_max_samples(seq))
-    ctx.packed, ctx.seq_length = True, seq
+    ctx.packed, ctx.seq_length, ctx.made_rows = True, seq, True
 
     def rows():
         samples = _samples(ds, step)
@@ -344,5 +345,5 @@ def run_chain(ds, steps, ctx: ChainContext):
         else:
             pad = bool(kwargs.get("padding", True)) and "PackingHandler" not in names[i + 1:]
             ds = drop_rejects(tokenize_step(ds, name, kwargs, ctx, step, pad), ctx, step)
-            ctx.seq_length = int(kwargs.get("seq_length") or ctx.seq_length)
+            ctx.seq_length, ctx.made_rows = int(kwargs.get("seq_length") or ctx.seq_length), True
     return ds

@@ -213,30 +213,55 @@ class HFRowsDataset(ArrayDataset):
         return tuple(cols[c] for c in self.columns)
 
 
-def to_rows(ds, seq_length: int, pad_id: int, source: str):
-    """(input_ids [N, S+1], labels [N, S+1], actual_seq_len or None) from a dataset of this suite's rows."""
+def label_layout(x, y) -> Optional[str]:
+    """'same' when the supervised labels sit on their own tokens (MindRecord schema, rows of seq_length + 1),
+    'shifted' when each is the next token (MindFormers 1.6+ handlers' rows of seq_length), None when the row
+    cannot tell (nothing supervised, or both hold), 'neither' when the labels match no input token."""
+    sup = y != IGNORE_INDEX
+    if not sup.any():
+        return None
+    same = bool((y[sup] == x[sup]).all())
+    nxt = sup[:-1]
+    shifted = bool((y[:-1][nxt] == x[1:][nxt]).all()) and nxt.any()
+    if same != shifted:
+        return "same" if same else "shifted"
+    return None if same else "neither"
+
+
+def to_rows(ds, seq_length: int, pad_id: int, source: str, layout: Optional[str] = "same"):
+    """(input_ids [N, S+1], labels [N, S+1], actual_seq_len or None) from a dataset of rows. `layout` None: rows the
+    handlers did not make (pre-tokenized data); their label layout is read from the rows themselves (label_layout),
+    and rows in MindFormers' 1.6+ layout (labels shifted, optional loss_mask) become this suite's rows."""
     ids, labels, asl = [], [], []
     for i, r in enumerate(ds):
         if "input_ids" not in r or "labels" not in r:
             raise DataError(f"{source}: after the handlers the dataset has no 'input_ids'/'labels' column; its "
                             f"columns are: {', '.join(r)} (add AlpacaInstructDataHandler or ChatDataHandler)")
         x, y = np.asarray(r["input_ids"], np.int32), np.asarray(r["labels"], np.int32)
-        if len(x) > seq_length + 1 or len(x) != len(y):
+        if layout is None:
+            layout = label_layout(x, y)
+            if layout == "neither":
+                raise DataError(f"{source}: row {i}: the labels match neither input_ids nor input_ids shifted by "
+                                "one; expected labels -100 where not supervised")
+        if layout == "shifted":                     # MindFormers 1.6+: x[t] predicts y[t]; loss_mask marks the loss
+            keep = np.asarray(r["loss_mask"], bool) if r.get("loss_mask") is not None else y != IGNORE_INDEX
+            x = np.concatenate([x, [pad_id]]).astype(np.int32)
+            y = np.concatenate([[IGNORE_INDEX], np.where(keep, y, IGNORE_INDEX)]).astype(np.int32)
+        if (seq_length and len(x) > seq_length + 1) or len(x) != len(y):
             raise DataError(f"{source}: row {i} has {len(x)} input_ids / {len(y)} labels; expected equal lengths "
                             f"of at most seq_length + 1 = {seq_length + 1}")
+        ids.append(x)
+        labels.append(y)
         if r.get("actual_seq_len") is not None:
-            ids.append(x)
-            labels.append(y)
             asl.append(np.asarray(r["actual_seq_len"], np.int32))
-        else:
-            row = pad_row(Sample(x, y, None), seq_length, pad_id)
-            ids.append(row["input_ids"])
-            labels.append(row["labels"])
     if not ids:
         raise DataError(f"{source}: no rows after the handlers")
     if asl and len(asl) != len(ids):
         raise DataError(f"{source}: some rows are packed (actual_seq_len) and some are not")
-    return np.stack(ids), np.stack(labels), (np.stack(asl) if asl else None)
+    seq_length = seq_length or max(len(x) for x in ids) - 1      # pre-tokenized rows: the longest says
+    rows = [pad_row(Sample(x, y, None), seq_length, pad_id) for x, y in zip(ids, labels)]
+    return (np.stack([r["input_ids"] for r in rows]), np.stack([r["labels"] for r in rows]),
+            np.stack(asl) if asl else None)
 
 
 def legacy_args(dl: dict) -> dict:
@@ -278,7 +303,10 @@ def build_hf_dataset(section: dict, tokenizer_path: str, seq_length: Optional[in
         ds = run_chain(ds, dl.get("handler"), ctx)
         seq = int(ctx.seq_length or seq_length or 0)
         pad_id = pad_id_of(ctx.tokenizer) if ctx.tokenizer_path else 0
-        ids, labels, asl = to_rows(ds, seq, pad_id, source)
+        if ctx.made_rows:
+            ids, labels, asl = to_rows(ds, seq, pad_id, source)
+        else:                                       # pre-tokenized rows: their layout and length from the rows
+            ids, labels, asl = to_rows(ds, 0, pad_id, source, layout=None)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if ctx.rejects:

@@ -144,3 +144,25 @@ def test_bad_steps_name_what_is_wrong(alpaca):
     with pytest.raises(ConfigError, match=r"input_columns: 'tokens' is not a column this loader makes; its columns "
                                           r"are: input_ids, labels"):
         chain(alpaca, LLAMA2_TOKENIZER, [ALPACA_STEP], columns=("input_ids", "tokens"))
+
+
+def test_pretokenized_rows_in_either_layout(alpaca, tmp_path):
+    """Rows saved by datasets without handlers: MindRecord's layout (seq_length + 1, labels on their tokens) and
+    MindFormers 1.6+'s (seq_length, labels shifted, loss_mask) both become the same training rows."""
+    import datasets
+    ref = chain(alpaca, LLAMA2_TOKENIZER, [dict(ALPACA_STEP, padding=True)],
+                columns=("input_ids", "labels", "loss_mask", "position_ids"))
+    ours = datasets.Dataset.from_dict({"input_ids": ref.input_ids.tolist(), "labels": ref.labels.tolist()})
+    mf = [ref.mf_row(i) for i in range(len(ref))]
+    theirs = datasets.Dataset.from_dict({k: [r[j].tolist() for r in mf] for j, k in enumerate(ref.columns)})
+    for name, ds in (("ours", ours), ("mindformers", theirs)):
+        ds.save_to_disk(str(tmp_path / name))
+        got = build_hf_dataset({"data_loader": {"type": "HFDataLoader", "load_func": "load_from_disk",
+                                                "path": str(tmp_path / name)}}, "", None, log=lambda *a: None)
+        np.testing.assert_array_equal(got.input_ids[:, :SEQ], ref.input_ids[:, :SEQ], err_msg=name)
+        np.testing.assert_array_equal(got.labels[:, 1:], ref.labels[:, 1:], err_msg=name)
+    bad = datasets.Dataset.from_dict({"input_ids": [[5, 6, 7]], "labels": [[9, 9, 9]]})
+    bad.save_to_disk(str(tmp_path / "bad"))
+    with pytest.raises(DataError, match="row 0: the labels match neither input_ids nor input_ids shifted by one"):
+        build_hf_dataset({"data_loader": {"type": "HFDataLoader", "load_func": "load_from_disk",
+                                          "path": str(tmp_path / "bad")}}, "", None, log=lambda *a: None)
