@@ -19,6 +19,7 @@ Rows are this suite's (MindFormers' MindRecord schema): ``input_ids``/``labels``
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib
 import inspect
@@ -26,6 +27,8 @@ import json
 import os
 from dataclasses import dataclass, field
 from typing import Optional
+
+import numpy as np
 
 from ..config.schema import HANDLERS, OPEN
 from ..errors import ConfigError, DataError
@@ -118,7 +121,6 @@ def generic_step(ds, name: str, kwargs: dict, ctx: ChainContext, step: str):
     if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
         for k in kwargs:
             if k not in params:
-                import difflib
                 close = difflib.get_close_matches(k, list(params), n=1)
                 raise ConfigError(f"{step}: '{name}' takes no argument '{k}'" +
                                   (f"; did you mean '{close[0]}'?" if close else "") +
@@ -204,7 +206,15 @@ def _options(kwargs: dict, ctx: ChainContext, step: str, fmt: str, template_defa
     return SFTOptions(**opts)
 
 
+TOKENIZER_PATH_KEYS = ("pretrained_model_dir", "path", "vocab_file", "tokenizer_file")
+
+
 def tokenize_step(ds, name: str, kwargs: dict, ctx: ChainContext, step: str, pad: bool):
+    block = kwargs.get("tokenizer")
+    if isinstance(block, dict):          # MindFormers' tokenizer block: a path in it wins; AutoTokenizer options
+        path = next((block[k] for k in TOKENIZER_PATH_KEYS if block.get(k)), None)  # (trust_remote_code, ...) are
+        if path and path != ctx.tokenizer_path:                                      # accepted: files are read as is
+            ctx.tokenizer_path, ctx._tokenizer = str(path), None
     if name == "AlpacaInstructDataHandler":
         opts = _options(kwargs, ctx, step, "alpaca", "vicuna_v1.1")
         mk = opts.map_keys
@@ -256,7 +266,6 @@ def _samples(ds, step):
         ids, labels = row["input_ids"], row["labels"]
         if len(ids) != len(labels):
             raise DataError(f"{step}: row {i} has {len(ids)} input_ids but {len(labels)} labels")
-        import numpy as np
         yield Sample(np.asarray(ids, np.int32), np.asarray(labels, np.int32), Location(step, i))
 
 
@@ -283,7 +292,6 @@ def packing_step(ds, kwargs: dict, ctx: ChainContext, step: str):
     need_columns(ds, ["input_ids", "labels"], step)
     strategy = kwargs.get("pack_strategy", "pack")
     if strategy not in PACK_STRATEGIES:
-        import difflib
         close = difflib.get_close_matches(str(strategy), list(PACK_STRATEGIES), n=1)
         raise ConfigError(f"{step}: pack_strategy '{strategy}' is not one of {', '.join(PACK_STRATEGIES)}" +
                           (f"; did you mean '{close[0]}'?" if close else ""))
@@ -334,7 +342,6 @@ def run_chain(ds, steps, ctx: ChainContext):
         name = spec["type"]
         step = f"{where} ({name})"
         if name not in HANDLERS:
-            import difflib
             close = difflib.get_close_matches(str(name), list(HANDLERS), n=1)
             raise ConfigError(f"{where}: unknown handler '{name}'" + (f"; did you mean '{close[0]}'?" if close else "")
                               + f" (handlers: {', '.join(HANDLERS)})")

@@ -50,6 +50,9 @@ def test_alpaca_rows_equal_preprocess(alpaca, tmp_path):
     np.testing.assert_array_equal(ds.input_ids, ref["input_ids"])
     np.testing.assert_array_equal(ds.labels, ref["labels"])
     assert len(ds.rejects) == 1 and ds.rejects[0][0].index == 3 and "empty" in ds.rejects[0][1]
+    named = chain(alpaca, "", [dict(ALPACA_STEP, padding=True, tokenizer={"vocab_file": LLAMA2_TOKENIZER,
+                                                                          "trust_remote_code": True})])
+    np.testing.assert_array_equal(named.input_ids, ref["input_ids"])     # a path in the handler's tokenizer block
 
 
 def test_packed_rows_equal_preprocess_in_two_processes(alpaca, tmp_path):
