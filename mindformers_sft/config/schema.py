@@ -273,7 +273,8 @@ NOT_ACTED_ON = {
 # OPEN: a datasets.Dataset method whose keyword arguments are checked against its signature when it runs.
 _SFT_HANDLER = {"seq_length": None, "padding": True, "tokenizer": None, "template": None, "map_keys": None,
                 "train_on_prompt": False, "mask_history": False, "truncation": None, "num_proc": None,
-                "batch_size": 256, "pad_token_id": None, "ignore_token_id": -100, "is_dynamic": False}
+                "batch_size": 256, "pad_token_id": None, "ignore_token_id": -100, "is_dynamic": False,
+                "enable_thinking": None}
 HANDLERS = {
     "AlpacaInstructDataHandler": dict(_SFT_HANDLER, alpaca_prompt="stanford"),
     "ChatDataHandler": dict(_SFT_HANDLER, data_format="auto"),

@@ -201,8 +201,9 @@ def _options(kwargs: dict, ctx: ChainContext, step: str, fmt: str, template_defa
                 map_keys=kwargs.get("map_keys"), train_on_prompt=bool(kwargs.get("train_on_prompt", False)),
                 mask_history=bool(kwargs.get("mask_history", False)),
                 alpaca_prompt=kwargs.get("alpaca_prompt", "stanford"))
-    if kwargs.get("truncation"):
-        opts["truncation"] = kwargs["truncation"]
+    for key in ("truncation", "enable_thinking"):
+        if kwargs.get(key) is not None:
+            opts[key] = kwargs[key]
     return SFTOptions(**opts)
 
 

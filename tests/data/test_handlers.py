@@ -75,6 +75,19 @@ def test_chat_handler_rows_equal_preprocess(tmp_path):
     np.testing.assert_array_equal(ds.labels, ref["labels"])
 
 
+def test_qwen3_chat_template_with_thinking_switch(tmp_path):
+    """ChatDataHandler with the Qwen3 tokenizer's own chat_template and enable_thinking: preprocess's rows."""
+    from tests.paths import ASSETS
+    qwen3, data = os.path.join(ASSETS, "tokenizers", "qwen3"), tmp_path / "chat.jsonl"
+    msgs = [{"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"A{i}."}]}
+            for i in range(6)]
+    data.write_text("".join(json.dumps(m) + "\n" for m in msgs))
+    ref = reference_rows(tmp_path, str(data), qwen3, "--template", "auto", "--enable_thinking", "false")
+    ds = chain(str(data), qwen3, [{"type": "ChatDataHandler", "seq_length": SEQ, "enable_thinking": False}])
+    np.testing.assert_array_equal(ds.input_ids, ref["input_ids"])
+    np.testing.assert_array_equal(ds.labels, ref["labels"])
+
+
 def test_mindformers_columns(alpaca):
     """The columns MindFormers' HFDataLoader yields for a packed row (its _get_packed_data): input_ids and labels of
     seq_length with labels shifted, loss_mask = labels != -100, position ids restarting per sample, actual_seq_len
