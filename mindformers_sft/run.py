@@ -412,6 +412,9 @@ def _predict_template(cfg, name, tok):
     dl = cfg.train_dataset.data_loader
     if name is None and dl.type == "SFTDataLoader":
         name = dl.template
+    if name is None and dl.type == "HFDataLoader":
+        from .data.handlers import training_template
+        name = training_template(dl.get("handler"))
     if not name or str(name).lower() == "none":
         return None
     from .data.templates import get_template

@@ -210,6 +210,18 @@ def _options(kwargs: dict, ctx: ChainContext, step: str, fmt: str, template_defa
 TOKENIZER_PATH_KEYS = ("pretrained_model_dir", "path", "vocab_file", "tokenizer_file")
 
 
+TEMPLATE_DEFAULTS = {"AlpacaInstructDataHandler": "vicuna_v1.1", "ChatDataHandler": "auto"}
+
+
+def training_template(steps) -> Optional[str]:
+    """The template the tokenizing handler of a chain renders with (predict/chat prompts use it too)."""
+    steps = [steps] if isinstance(steps, dict) else list(steps or [])
+    for s in steps:
+        if isinstance(s, dict) and s.get("type") in TEMPLATE_DEFAULTS:
+            return s.get("template") or TEMPLATE_DEFAULTS[s["type"]]
+    return None
+
+
 def tokenize_step(ds, name: str, kwargs: dict, ctx: ChainContext, step: str, pad: bool):
     block = kwargs.get("tokenizer")
     if isinstance(block, dict):          # MindFormers' tokenizer block: a path in it wins; AutoTokenizer options
@@ -217,13 +229,13 @@ def tokenize_step(ds, name: str, kwargs: dict, ctx: ChainContext, step: str, pad
         if path and path != ctx.tokenizer_path:                                      # accepted: files are read as is
             ctx.tokenizer_path, ctx._tokenizer = str(path), None
     if name == "AlpacaInstructDataHandler":
-        opts = _options(kwargs, ctx, step, "alpaca", "vicuna_v1.1")
+        opts = _options(kwargs, ctx, step, "alpaca", TEMPLATE_DEFAULTS[name])
         mk = opts.map_keys
         need_columns(ds, [mk.get("prompt", ALPACA_KEYS["prompt"]), mk.get("response", ALPACA_KEYS["response"])], step)
         fmt = "alpaca"
     else:
         fmt = kwargs.get("data_format", "auto")
-        opts = _options(kwargs, ctx, step, "auto" if fmt == "auto" else fmt, "auto")
+        opts = _options(kwargs, ctx, step, "auto" if fmt == "auto" else fmt, TEMPLATE_DEFAULTS[name])
         if fmt == "auto":
             first = next(iter(ds.take(1)), None)
             fmt = detect_format(first, opts.map_keys) if first is not None else "messages"

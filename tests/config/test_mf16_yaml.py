@@ -210,3 +210,13 @@ def test_moe_pretrain_model_config_builds():
                                           ref.num_key_value_heads, ref.head_dim, ref.num_experts,
                                           ref.num_experts_per_tok, ref.moe_intermediate_size, ref.norm_topk_prob,
                                           ref.rope_theta, ref.tie_word_embeddings)
+
+
+def test_predict_prompts_use_the_handlers_template():
+    """predict/chat after a fine-tune with this YAML wrap prompts as AlpacaInstructDataHandler rendered the data."""
+    from mindformers_sft.run import _predict_template
+    from mindformers_sft.tokenizer import load_tokenizer
+    cfg = load_config(OURS)
+    tok = load_tokenizer(os.path.join(ROOT, "assets", "tokenizers", "qwen3"))
+    assert _predict_template(cfg, None, tok).name == "vicuna_v1.1"
+    assert _predict_template(cfg, "none", tok) is None
