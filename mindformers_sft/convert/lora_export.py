@@ -99,6 +99,7 @@ def _base_hf_tensors(base_path: str, layout: Layout, spec):
     from .names import is_ignored_hf
     files = checkpoint_files(base_path)
     if is_hf_dir(base_path):
+        seen = set()
         for fp in files:
             infos = file_infos(fp)
             for name, info in infos.items():
@@ -108,7 +109,12 @@ def _base_hf_tensors(base_path: str, layout: Layout, spec):
                     layout.check_hf_name(name, fp)
                     raise CheckpointError(f"{fp}: tensor '{name}' ({list(info.shape)}) is not a weight of the model "
                                           f"in {spec.source} ({layout.facts})")
+                seen.add(name)
             yield from iter_file(fp, [n for n in infos if not is_ignored_hf(n) and n not in layout.tied_head])
+        missing = [n for n in layout.hf_shapes if n not in seen]
+        if missing:
+            raise CheckpointError(f"{base_path}: missing tensor(s) {', '.join(repr(n) for n in missing[:3])} that "
+                                  f"{spec.source} requires ({layout.facts})")
         return
     infos = OrderedDict((k, v) for k, v in _infos(files).items() if not k.endswith(LORA_SUFFIXES + EXPERT_LORA_SUFFIXES))
     yield from stream(plan(infos, layout, False, base_path, spec.source, is_ignored_mf), None)

@@ -287,3 +287,27 @@ def test_qkv_concat_false_and_mindformers_arch_flags(models, tmp_path):
     assert all(hf_tensors(back)[k].tobytes() == v.tobytes() for k, v in orig.items())
     with pytest.raises(ConfigError, match="--kv_channels 128 disagrees with .*split.config.json \\(head_dim = 16\\)"):
         run(["--reversed", "--input_path", mf, "--output_path", str(tmp_path / "x"), "--kv_channels", "128"])
+
+
+def test_reversed_skips_mindformers_training_state(models, tmp_path):
+    """A MindFormers 1.8 Qwen3-MoE training checkpoint also holds optimizer moments and router/expert load
+    counters: --reversed skips them, and refuses a router expert_bias (Qwen3-MoE has none) by name."""
+    src, _ = models[("qwen3_moe", False)]
+    mf = str(tmp_path / "m.safetensors")
+    run(["--input_path", src, "--output_path", mf])
+    t = load_tensors(mf)
+    t["adam_m.decoder.layers.1.mlp.experts.weight1"] = np.zeros_like(t["decoder.layers.1.mlp.experts.weight1"])
+    t["decoder.layers.1.mlp.router.fi_accu"] = np.ones(E, np.float32)
+    t["decoder.layers.5.mlp.router.expert_load"] = np.ones(E, np.float32)
+    t["decoder.layers.0.self_attention.core_attention.max_logits_val"] = np.ones(NH, np.float32)
+    train = str(tmp_path / "train.safetensors")
+    np_save_file(t, train)
+    shutil.copy(sidecar_config_path(mf), sidecar_config_path(train))
+    back = str(tmp_path / "hf")
+    run(["--reversed", "--input_path", train, "--output_path", back])
+    assert set(hf_tensors(back)) == set(hf_tensors(src))
+    t["decoder.layers.1.mlp.router.expert_bias"] = np.zeros(E, np.float32)
+    np_save_file(t, train)
+    with pytest.raises(CheckpointError, match=f"{train}: tensor 'decoder.layers.1.mlp.router.expert_bias' is not a "
+                                              "MindFormers Qwen3 parameter name"):
+        run(["--reversed", "--input_path", train, "--output_path", str(tmp_path / "hf2")])

@@ -4,6 +4,7 @@ peft loads onto the transformers base with the same logits; the fused adapters b
 gate/up_proj adapters with the shared A and B's rows split as the weight's rows."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -11,15 +12,16 @@ import torch
 import transformers
 from mindspore import Tensor
 from peft import PeftModel
-from safetensors.numpy import load_file as np_load_file
+from safetensors.numpy import load_file as np_load_file, save_file as np_save_file
 
 from mindformers_sft.checkpoint import load_tensors
 from mindformers_sft.checkpoint.training_state import CheckpointManager
 from mindformers_sft.convert import run
+from mindformers_sft.errors import CheckpointError
 from mindformers_sft.models import build_model, load_state_dict
 from mindformers_sft.models.config import LlamaConfig
 from mindformers_sft.pet.lora import EXPERT_ADAPTERS, adapter_state, apply_lora, lora_experts, lora_layers
-from tests.convert.test_qwen3_convert import D, E, FF, IDS, IM, MOE_LAYERS, NH, NKV, make_hf
+from tests.convert.test_qwen3_convert import D, E, FF, IDS, IM, MOE_LAYERS, NH, NKV, hf_tensors, make_hf
 
 PET = {"pet_type": "lora", "lora_rank": 4, "lora_alpha": 8.0, "lora_dropout": 0.0,
        "target_modules": ".*linear_qkv|.*linear_proj|.*linear_fc1|.*linear_fc2"}
@@ -98,6 +100,17 @@ def test_qwen3_lora_merged_and_peft_export(tmp_path, base_kind):
     assert np.array_equal(t[pre + "mlp.gate_proj.lora_B.weight"], b1[0::2])      # interleaved [g0, u0, g1, ...]
     assert np.array_equal(t[pre + "mlp.up_proj.lora_B.weight"], b1[1::2])
     assert np.array_equal(t[pre + "mlp.down_proj.lora_B.weight"], adapters[mf + "mlp.linear_fc2.lora_b"])
+    if base_kind == "hf":        # a base missing a tensor is refused, naming it (nothing half-merged is left)
+        broken = tmp_path / "broken"
+        broken.mkdir()
+        shutil.copy(os.path.join(hf_dir, "config.json"), broken)
+        w = hf_tensors(hf_dir)
+        w.pop("model.layers.2.self_attn.k_norm.weight")
+        np_save_file(w, str(broken / "model.safetensors"), metadata={"format": "pt"})
+        with pytest.raises(CheckpointError, match=f"{broken}: missing tensor\\(s\\) "
+                                                  "'model.layers.2.self_attn.k_norm.weight'"):
+            run(["--reversed", "--input_path", ckpt, "--output_path", str(tmp_path / "m2"), "--base_path", str(broken)])
+        assert not any(f.endswith(".safetensors") for f in os.listdir(tmp_path / "m2"))
 
 
 def test_qwen3_moe_expert_lora_export(tmp_path):
