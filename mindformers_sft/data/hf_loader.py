@@ -164,12 +164,19 @@ def load(dl: dict, cache_dir: str = ""):
             cause = cause.__cause__
         detail = f"{type(e).__name__}: {e}" + (f" ({type(cause).__name__}: {cause})" if cause is not e else "")
         raise DataError(f"{culprit or ', '.join(files) or kw.get('path')}: datasets.{func} failed: {detail}") from e
+    part = None
+    if func == "load_from_disk" and split and "[" in str(split):       # "train[:90%]" as load_dataset reads it
+        split, part = str(split).split("[", 1)[0].strip(), split
     if isinstance(ds, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         pick = split or ("train" if "train" in ds else None)
         if pick not in ds:
             raise ConfigError(f"data_loader.split: '{pick}' is not a split of {named[0] if named else kw}; "
                               f"splits: {', '.join(ds)}")
         ds = ds[pick]
+    if part is not None:
+        from .split import split_range
+        start, stop = split_range(part, len(ds), "data_loader.split")
+        ds = ds.select(range(start, stop))
     return ds
 
 

@@ -109,6 +109,9 @@ def test_datasets_errors_name_the_file(tmp_path, records):
     saved = tmp_path / "saved"
     __import__("datasets").DatasetDict({"train": load({"path": str(good)}, str(tmp_path / "c"))}).save_to_disk(
         str(saved))
+    tail = load({"load_func": "load_from_disk", "path": str(saved), "split": "train[75%:]"})
+    head = load({"path": "json", "data_files": str(good), "split": "train[75%:]"}, str(tmp_path / "c"))
+    assert list(tail) == list(head) and len(tail) == N - 3 * N // 4         # the slice datasets' load_dataset takes
     with pytest.raises(ConfigError, match=r"data_loader.split: 'test' is not a split of .*saved; splits: train"):
         load({"load_func": "load_from_disk", "path": str(saved), "split": "test"})
 
