@@ -4,8 +4,8 @@ Config (small, not a toy): hidden 256, 4 layers (heads 4, kv heads 2, head_dim 6
 moe_intermediate 256, vocab 32000, seq 512, batch 4, fp32, router aux loss on (coef 0.001, as transformers with
 output_router_logits). Same init (the transformers model is saved and loaded by ours with from_hf_dir), same
 batches (random token ids, fixed seed), same full fine-tuning with AdamW (lr 1e-4, weight decay 0.01, clip 1.0),
-same thread count. Prints tokens/s of each and the ratio (ours / reference), then the same for dense Qwen3
-(intermediate 512 = top-2 x 256, the same active expert flops per token).
+same thread count, the two sides alternating step by step. Prints tokens/s of each and the ratio
+(ours / reference), then the same for dense Qwen3 (intermediate 512 = top-2 x 256: the same active expert flops).
 
     .venv/bin/python bench/bench_moe.py [--steps 8] [--warmup 2] [--quick] [--block]
 
@@ -46,7 +46,8 @@ def batches(batch, seq, n):
     return [rs.randint(0, COMMON["vocab_size"], (batch, seq + 1)).astype(np.int32) for _ in range(n)]
 
 
-def reference(model, data, warmup, lr):
+def reference(model, lr):
+    """One training step of transformers + torch AdamW: ids (B, S+1) -> loss."""
     import torch
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
@@ -62,14 +63,11 @@ def reference(model, data, warmup, lr):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         return loss.item()
-    for ids in data[:warmup]:
-        step(ids)
-    t0 = time.perf_counter()
-    losses = [step(ids) for ids in data[warmup:]]
-    return (len(data) - warmup) / (time.perf_counter() - t0), losses
+    return step
 
 
-def ours(hf_dir, data, warmup, lr):
+def ours(hf_dir, lr):
+    """One training step of ours (TrainStep, one compiled graph): ids (B, S+1) -> loss; and the kernels flag."""
     import mindspore as ms
     ms.set_device("CPU")
     ms.set_context(mode=ms.PYNATIVE_MODE)
@@ -78,29 +76,35 @@ def ours(hf_dir, data, warmup, lr):
     from mindformers_sft.trainer.optimizer import AdamW
     from mindformers_sft.trainer.step import TrainStep
     model = from_hf_dir(hf_dir)
-    step = TrainStep(model, AdamW(model.trainable_params(), weight_decay=0.01), 1.0, None, jit=True)
-    for ids in data[:warmup]:
-        step([{"input_ids": ids, "labels": ids}], lr)
-    t0 = time.perf_counter()
-    losses = [step([{"input_ids": ids, "labels": ids}], lr).loss for ids in data[warmup:]]
-    return (len(data) - warmup) / (time.perf_counter() - t0), losses, getattr(model, "cpu_kernel", None)
+    train = TrainStep(model, AdamW(model.trainable_params(), weight_decay=0.01), 1.0, None, jit=True)
+    return (lambda ids: float(train([{"input_ids": ids, "labels": ids}], lr).loss)), model.cpu_kernel
 
 
 def compare(name, moe, data, a, lr=1e-4):
+    """Both sides step through the same batches, alternating step by step (a shared machine's load falls on both
+    alike); each side's time is the sum of its own steps."""
     import torch
     ref = hf_model(moe)
     with tempfile.TemporaryDirectory() as d:
         ref.save_pretrained(d, safe_serialization=True)
-        ref_sps, ref_l = reference(ref, data, a.warmup, lr)
-        del ref
-        our_sps, our_l, kern = ours(d, data, a.warmup, lr)
-    tok = data[0].shape[0] * (data[0].shape[1] - 1)
+        ref_step = reference(ref, lr)
+        our_step, kern = ours(d, lr)
+    times, losses = {"ref": 0.0, "ours": 0.0}, {"ref": [], "ours": []}
+    for i, ids in enumerate(data):
+        for side, step in (("ref", ref_step), ("ours", our_step)):
+            t0 = time.perf_counter()
+            loss = step(ids)
+            if i >= a.warmup:
+                times[side] += time.perf_counter() - t0
+                losses[side].append(loss)
+    tok = data[0].shape[0] * (data[0].shape[1] - 1) * (len(data) - a.warmup)
+    ref_l, our_l = losses["ref"], losses["ours"]
     print(f"{name}: batch {data[0].shape[0]} x seq {data[0].shape[1] - 1}, {len(data) - a.warmup} timed steps after "
           f"{a.warmup} warm-up, {torch.get_num_threads()} torch threads")
-    print(f"  transformers+torch AdamW: {ref_sps * tok:8.0f} tokens/s  (losses {ref_l[0]:.5f} .. {ref_l[-1]:.5f})")
-    print(f"  mindformers_sft:          {our_sps * tok:8.0f} tokens/s  (losses {our_l[0]:.5f} .. {our_l[-1]:.5f}; "
-          f"fused CPU kernels {'on' if kern else 'off'})")
-    print(f"  speed ratio (ours / reference): {our_sps / ref_sps:.2f}x")
+    print(f"  transformers+torch AdamW: {tok / times['ref']:8.0f} tokens/s  (losses {ref_l[0]:.5f} .. {ref_l[-1]:.5f})")
+    print(f"  mindformers_sft:          {tok / times['ours']:8.0f} tokens/s  (losses {our_l[0]:.5f} .. "
+          f"{our_l[-1]:.5f}; fused CPU kernels {'on' if kern else 'off'})")
+    print(f"  speed ratio (ours / reference): {times['ref'] / times['ours']:.2f}x")
 
 
 def block(a):
