@@ -312,7 +312,9 @@ def packing_step(ds, kwargs: dict, ctx: ChainContext, step: str):
     if seq < 1:
         raise ConfigError(f"{step}: seq_length is not set")
     pad_id = kwargs.get("pad_token_id")
-    pad_id = pad_id_of(ctx.tokenizer) if pad_id is None else int(pad_id)
+    if pad_id is None:                      # pre-tokenized data without a tokenizer: 0, as MindFormers pads
+        pad_id = pad_id_of(ctx.tokenizer) if ctx.tokenizer_path else 0
+    pad_id = int(pad_id)
     max_samples = int(kwargs.get("pack_max_samples") or default_pack_max_samples(seq))
     ctx.packed, ctx.seq_length, ctx.made_rows = True, seq, True
 

@@ -65,11 +65,12 @@ def load_args(dl: dict):
         raise ConfigError(f"data_loader.load_func: '{func}' is not one of {', '.join(LOAD_FUNCS)}")
     kw = {k: v for k, v in dl.items() if k not in LOADER_KEYS and v is not None and v != ""}
     local_dir = dl.get("dataset_dir")
-    if local_dir:                                   # --train_dataset_dir: a local file or folder
-        if func == "load_from_disk" or (os.path.isdir(local_dir) and not kw.get("path")):
-            kw["path" if func == "load_dataset" else "dataset_path"] = local_dir
+    if local_dir:                                   # --train_dataset_dir: the data is here (path/data_files yield)
+        kw.pop("data_files", None)
+        if func == "load_from_disk" or os.path.isdir(local_dir):
+            kw["path"] = local_dir
         else:
-            kw["data_files"] = local_dir
+            kw["path"], kw["data_files"] = None, local_dir
     if func == "load_from_disk":
         if "path" in kw:
             kw["dataset_path"] = kw.pop("path")

@@ -50,7 +50,7 @@ def write_all(tmp_path, records):
     return {"json": {"path": "json", "data_files": str(d / "a.json")},
             "jsonl": {"path": "json", "data_files": str(d / "a.jsonl")},
             "file as path": {"path": str(d / "a.jsonl")},
-            "--train_dataset_dir file": {"dataset_dir": str(d / "a.jsonl")},
+            "--train_dataset_dir file": {"path": "some/hub-name", "dataset_dir": str(d / "a.jsonl")},
             "--train_dataset_dir folder": {"dataset_dir": str(folder)},
             "parquet": {"path": "parquet", "data_files": str(d / "a.parquet")},
             "csv": {"path": "csv", "data_files": str(d / "a.csv")},
