@@ -64,11 +64,14 @@ def read_hf_dir(path, config=None) -> dict:
     return HF_STATE_TO_MF[config.model_type](arrays, files, config, path)
 
 
-def read_file(path) -> dict:
-    """A MindFormers CKPT/safetensors file (a safetensors file with HF names is renamed)."""
+def read_file(path, config=None) -> dict:
+    """A MindFormers CKPT/safetensors file (a safetensors file with HF names is converted with the name map of
+    `config`'s family, Llama's without a config)."""
     arrays = load_tensors(path)
     if any(k.startswith("model.embed_tokens") or ".self_attn." in k for k in arrays):
-        arrays = {hf_to_mf(k, source=path): v for k, v in arrays.items() if not is_ignored_hf(k)}
+        arrays = {k: v for k, v in arrays.items() if not is_ignored_hf(k)}
+        convert = HF_STATE_TO_MF[config.model_type if config is not None else "llama"]
+        arrays = convert(arrays, dict.fromkeys(arrays, path), config, path)
     return arrays
 
 
@@ -114,7 +117,7 @@ def read_weights(path: str, rank: int = 0, warn=print, config=None):
     kind, src, entry = resolve(path, rank, warn)
     if kind == "hf":
         return read_hf_dir(src, config), {}, src
-    base, adapters, _ = split(read_file(src))
+    base, adapters, _ = split(read_file(src, config))
     if adapters and not base and (entry or {}).get("base_checkpoint"):
         base = read_weights(entry["base_checkpoint"], rank, warn, config)[0]
     return base, adapters, src

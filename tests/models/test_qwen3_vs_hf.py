@@ -155,3 +155,23 @@ def test_bad_checkpoints_are_named(tmp_path):
     with pytest.raises(CheckpointError, match=r"safetensors: tensor 'model\.layers\.0\.self_attn\.q_proj\.weight': "
                                               r"expected shape \(64, 64\)"):
         from_hf_dir(path)
+
+
+def test_single_hf_named_safetensors_file_loads_through_the_family_map(pair, tmp_path):
+    """--load_checkpoint FILE.safetensors with HF names (not a directory) converts with the Qwen3 map."""
+    from safetensors.numpy import load_file, save_file
+    from mindformers_sft.checkpoint.loading import read_weights
+    from mindformers_sft.models import LlamaConfig, build_model, load_state_dict
+    path, hf = pair
+    tensors = {}
+    for f in sorted(os.listdir(path)):
+        if f.endswith(".safetensors"):
+            tensors.update(load_file(os.path.join(path, f)))
+    single = str(tmp_path / "qwen3.safetensors")
+    save_file(tensors, single)
+    config = LlamaConfig.from_hf_config(path)
+    base, adapters, _ = read_weights(single, config=config)
+    model = build_model(config)
+    load_state_dict(model, base, strict=True, source=single)
+    ids = _ids(seed=9)
+    np.testing.assert_allclose(model.logits(Tensor(ids)).asnumpy(), _hf_logits(hf, ids), atol=1e-4, rtol=0)
