@@ -137,3 +137,18 @@ def test_experts_disagreeing_with_config_are_named(tmp_path):
     edit_config(path, decoder_sparse_step=4)                              # layer 1 should be dense
     with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.(gate_proj|down_proj|up_proj)\.weight"):
         from_hf_dir(path)
+
+
+def test_to_hf_config_round_trips_through_transformers(pair):
+    from mindformers_sft.models import LlamaConfig
+    path, hf = pair
+    ours = LlamaConfig.from_hf_config(path)
+    d = ours.to_hf_config()
+    assert d["architectures"] == ["Qwen3MoeForCausalLM"] and d["model_type"] == "qwen3_moe"
+    back = transformers.Qwen3MoeConfig(**{k: v for k, v in d.items() if k not in ("architectures", "model_type")})
+    for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+              "num_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step", "mlp_only_layers",
+              "norm_topk_prob", "router_aux_loss_coef", "output_router_logits", "tie_word_embeddings", "rope_theta",
+              "intermediate_size", "rms_norm_eps"):
+        assert getattr(back, k) == getattr(hf.config, k), k
+    assert LlamaConfig.from_hf_config(d) == ours
