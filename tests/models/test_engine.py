@@ -95,3 +95,35 @@ def test_context_limit_and_bad_params(model):
     with pytest.raises(ConfigError, match="at least one token"):
         engine.submit([], SamplingParams())
     assert np.array_equal(engine.key_mask, np.zeros((0, 0), bool))
+
+
+def _tiny_hf(family, path):
+    from tests.models.test_qwen3_vs_hf import randomize
+    torch.manual_seed(0)
+    common = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, bos_token_id=1,
+                  eos_token_id=2, tie_word_embeddings=False)
+    if family == "qwen2":
+        hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))     # qkv bias
+    elif family == "qwen3":
+        hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(head_dim=16, **common))
+    else:
+        hf = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+            head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, decoder_sparse_step=1,
+            norm_topk_prob=True, **common))
+    hf = randomize(hf, 3).eval()
+    hf.save_pretrained(path, safe_serialization=True)
+    return hf
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "qwen3_moe"])
+def test_every_family_batches_through_the_same_path(family, tmp_path):
+    hf = _tiny_hf(family, str(tmp_path))
+    model = from_hf_dir(str(tmp_path))
+    model.set_train(False)
+    prompts = [[1, 5, 9, 13, 17, 21], [1, 40], [1, 60, 61, 62]]
+    with torch.no_grad():
+        ref = [hf.generate(torch.tensor([p]), do_sample=False, max_new_tokens=8, pad_token_id=0,
+                           eos_token_id=2)[0].tolist()[len(p):] for p in prompts]
+    assert Engine(model, eos_ids=[2], max_batch=2, max_context=256).generate(prompts, SamplingParams(max_tokens=8)) \
+        == ref
