@@ -50,7 +50,6 @@ class ChainContext:
     num_proc: int = 1
     cache_dir: str = ""
     rejects: list = field(default_factory=list)        # (Location, reason)
-    packed: bool = False
     made_rows: bool = False                              # a tokenizing or packing step wrote input_ids/labels
     _tokenizer: object = None
 
@@ -316,7 +315,7 @@ def packing_step(ds, kwargs: dict, ctx: ChainContext, step: str):
         pad_id = pad_id_of(ctx.tokenizer) if ctx.tokenizer_path else 0
     pad_id = int(pad_id)
     max_samples = int(kwargs.get("pack_max_samples") or default_pack_max_samples(seq))
-    ctx.packed, ctx.seq_length, ctx.made_rows = True, seq, True
+    ctx.seq_length, ctx.made_rows = seq, True
 
     def rows():
         samples = _samples(ds, step)

@@ -181,7 +181,7 @@ def load(dl: dict, cache_dir: str = ""):
     return ds
 
 
-def check_input_columns(columns, dl: dict, packed: bool):
+def check_input_columns(columns, dl: dict):
     cols = list(columns or ["input_ids", "labels"])
     for c in cols:
         if c not in MF_COLUMNS:
@@ -296,7 +296,7 @@ def build_hf_dataset(section: dict, tokenizer_path: str, seq_length: Optional[in
     from .handlers import ChainContext, run_chain
     from .pipeline import pad_id_of
     dl = legacy_args(dict(section.get("data_loader") or {}))
-    columns = check_input_columns(section.get("input_columns"), dl, packed=False)
+    columns = check_input_columns(section.get("input_columns"), dl)
     _, kw, _, named = load_args(dl)
     source = ", ".join(named) or str(kw.get("path"))
     workers = dl.get("num_proc") or section.get("num_parallel_workers") or 1
