@@ -235,9 +235,9 @@ def load_config(path: str = None, options=(), overrides: dict = None) -> Config:
     merged = _merge(schema, user)
     dropped = []
     if merged.get("use_legacy") is False and mc:
-        from ..models.config import LlamaConfig     # its field names only
         import dataclasses
-        mc, dropped = translate_model_config(dict(mc), [f.name for f in dataclasses.fields(LlamaConfig)])
+        from ..models.config import KEY_ALIASES, LlamaConfig     # its names only
+        mc, dropped = translate_model_config(dict(mc), [f.name for f in dataclasses.fields(LlamaConfig)], KEY_ALIASES)
     merged["model"]["model_config"] = mc
     cfg = Config.wrap(merged)
     object.__setattr__(cfg, "user_keys", _user_keys(user))

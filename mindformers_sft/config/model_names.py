@@ -11,15 +11,8 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 
+# Renames beyond the HF names models/config.py already takes (its KEY_ALIASES, passed to translate()).
 RENAMES = {
-    "params_dtype": "param_init_type",
-    "layernorm_compute_dtype": "layernorm_compute_type",
-    "softmax_compute_dtype": "softmax_compute_type",
-    "num_hidden_layers": "num_layers",
-    "num_attention_heads": "num_heads",
-    "num_key_value_heads": "n_kv_heads",
-    "rope_theta": "theta",
-    "max_position_embeddings": "max_position_embedding",
     "add_qkv_bias": "qkv_has_bias",
     "moe_aux_loss_coeff": "router_aux_loss_coef",
 }
@@ -30,7 +23,7 @@ NO_EFFECT = {
     "architectures", "moe_grouped_gemm", "router_dense_type", "moe_token_drop_policy", "moe_router_load_balancing_type",
     "use_fused_rope", "use_fused_swiglu", "recompute_granularity", "sequence_parallel", "bias_swiglu_fusion",
     "masked_softmax_fusion", "apply_residual_connection_post_layernorm", "init_method_std", "transformers_version",
-    "torch_dtype", "use_cache", "use_sliding_window", "sliding_window", "max_window_layers", "attention_bias",
+    "torch_dtype", "use_cache", "use_sliding_window", "sliding_window", "max_window_layers",
 }
 # Accepted only with the value this decoder implements.
 FIXED = {
@@ -39,11 +32,12 @@ FIXED = {
 }
 
 
-def translate(mc: dict, fields, where: str = "model.model_config"):
-    """-> (model_config with this suite's names, [dropped keys]). `fields`: the names LlamaConfig accepts
-    (passed in so config/ does not import models/)."""
+def translate(mc: dict, fields, aliases=None, where: str = "model.model_config"):
+    """-> (model_config with this suite's names, [dropped keys]). `fields`: the names LlamaConfig accepts,
+    `aliases`: the other names it takes for them (HF name -> field)."""
     out, dropped = {}, []
     fields = set(fields)
+    renames = {**(aliases or {}), **RENAMES}
     for k, v in (mc or {}).items():
         if k in fields:
             out[k] = v
@@ -53,8 +47,8 @@ def translate(mc: dict, fields, where: str = "model.model_config"):
                 raise ConfigError(f"{where}: untie_embeddings_and_output_weights {v} contradicts tie_word_embeddings "
                                   f"{mc['tie_word_embeddings']}; keep one of them")
             out["tie_word_embeddings"] = tie
-        elif k in RENAMES and (RENAMES[k] in fields or k == "moe_aux_loss_coeff"):
-            new = RENAMES[k]
+        elif k in renames:
+            new = renames[k]
             if new in mc and mc[new] != v:
                 raise ConfigError(f"{where}: {k} {v!r} and {new} {mc[new]!r} name the same setting with different "
                                   f"values; keep one of them")
@@ -63,7 +57,7 @@ def translate(mc: dict, fields, where: str = "model.model_config"):
             else:
                 dropped.append(k)
         elif k in FIXED:
-            if v != FIXED[k] and not (isinstance(v, (int, float)) and v == FIXED[k]):
+            if v != FIXED[k]:
                 raise ConfigError(f"{where}.{k}: {v!r} is not supported here; this decoder implements "
                                   f"{k}: {FIXED[k]!r}")      # the value implemented: honoured, nothing to pass
         elif k in NO_EFFECT:
