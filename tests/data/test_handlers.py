@@ -137,6 +137,20 @@ def test_generic_steps_match_datasets(alpaca):
     np.testing.assert_array_equal(ds.input_ids, np.concatenate([s.input_ids for s in solo]))
 
 
+def has_input(record):
+    return bool(record["input"])
+
+
+def test_filter_step_takes_a_function_by_import_path(alpaca):
+    import datasets
+    ref = datasets.load_dataset("json", data_files=alpaca, split="train").filter(has_input)
+    ds = chain(alpaca, LLAMA2_TOKENIZER, [{"type": "filter", "function": "tests.data.test_handlers:has_input"},
+                                          dict(ALPACA_STEP, padding=True)])
+    assert 0 < len(ds) == len(ref) < 40
+    with pytest.raises(ConfigError, match=r"cannot import function 'tests.data.test_handlers:nope'"):
+        chain(alpaca, LLAMA2_TOKENIZER, [{"type": "filter", "function": "tests.data.test_handlers:nope"}])
+
+
 def alpaca_row(base, rec):
     p = os.path.join(os.path.dirname(base), f"one_{abs(hash(rec['instruction']))}.json")
     with open(p, "w", encoding="utf-8") as f:
