@@ -91,6 +91,11 @@ def test_completions_stop_strings_and_models(client):
     first = r.json()["choices"][0]
     assert first["text"] == full[:full.index(stop)] and first["finish_reason"] == "stop"
     assert len(r.json()["choices"]) == 2
+    # seeded sampling repeats itself; other seeds give other samples (top_k / top_p accepted)
+    sampled = [_post(client, "/v1/completions", {"model": NAME, "prompt": prompt, "max_tokens": 20, "temperature": 1.2,
+                                                 "top_p": 0.95, "top_k": 40, "seed": s}).json()["choices"][0]["text"]
+               for s in (5, 5, 6, 7)]
+    assert sampled[0] == sampled[1] and len(set(sampled[1:])) > 1 and full not in sampled
     assert client.get("/v1/models").json()["data"][0]["id"] == NAME
     assert client.get(f"/v1/models/{NAME}").json()["max_model_len"] == 512
     assert "<html" in client.get("/").text.lower()
