@@ -10,7 +10,8 @@ from mindspore import Tensor
 
 from ..errors import CheckpointError
 from .config import LlamaConfig
-from .llama import CausalLM, KVCache, LlamaForCausalLM
+from .causal_lm import CausalLM, KVCache
+from .llama import LlamaForCausalLM
 
 __all__ = ["LlamaConfig", "LlamaForCausalLM", "CausalLM", "KVCache", "build_model", "model_class",
            "load_state_dict", "state_dict_numpy", "from_hf_dir"]

@@ -41,8 +41,8 @@ from __future__ import annotations
 from mindspore import Tensor, nn, ops
 
 from .config import LlamaConfig
-from .llama import (MS_DTYPES, Attention, CausalLM, Embedding, FeedForward, Linear, LlamaModel, RMSNorm,
-                    layers_with_cache, rope_inv_freq)
+from .causal_lm import MS_DTYPES, CausalLM
+from .llama import Attention, Embedding, FeedForward, Linear, LlamaModel, RMSNorm, layers_with_cache, rope_inv_freq
 
 
 def _dense_args(cfg):
@@ -179,7 +179,7 @@ class TransformerBlock(nn.Cell):
 
 
 class Qwen3ForCausalLM(CausalLM):
-    """Qwen3 causal LM (interface: llama.CausalLM; parameter names: the table above)."""
+    """Qwen3 causal LM (interface: causal_lm.CausalLM; parameter names: the table above)."""
     EMBEDDING_NAME, OUTPUT_NAME = "embedding.word_embeddings.weight", "output_layer.weight"
     BLOCK = TransformerBlock
 

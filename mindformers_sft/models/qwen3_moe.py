@@ -54,7 +54,7 @@ class MoeTransformerBlock(TransformerBlock):
 
 
 class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
-    """Qwen3-MoE causal LM (interface: llama.CausalLM); the training loss includes the aux loss (module doc)."""
+    """Qwen3-MoE causal LM (interface: causal_lm.CausalLM); the training loss includes the aux loss (module doc)."""
     BLOCK = MoeTransformerBlock
 
     def __init__(self, config: LlamaConfig):
