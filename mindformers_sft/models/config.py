@@ -220,6 +220,9 @@ class LlamaConfig:
             initializer_range=hf.get("initializer_range", 0.02),
         )
         if HF_MODEL_TYPES[mt] in ("qwen3", "qwen3_moe"):
+            for key, ok in (("attention_bias", False), ("use_sliding_window", False)):
+                if hf.get(key, ok) != ok:
+                    raise ConfigError(f"{src}: {key} {hf[key]} is not supported for {mt}; expected {ok}")
             kw.update(head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
                       qkv_has_bias=bool(hf.get("attention_bias", False)))
             if mt == "qwen3_moe":

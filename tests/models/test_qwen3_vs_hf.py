@@ -175,3 +175,13 @@ def test_single_hf_named_safetensors_file_loads_through_the_family_map(pair, tmp
     load_state_dict(model, base, strict=True, source=single)
     ids = _ids(seed=9)
     np.testing.assert_allclose(model.logits(Tensor(ids)).asnumpy(), _hf_logits(hf, ids), atol=1e-4, rtol=0)
+
+
+def test_unsupported_qwen3_options_are_refused():
+    from mindformers_sft.models import LlamaConfig
+    base = transformers.Qwen3Config(vocab_size=96, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                    num_key_value_heads=2, head_dim=32).to_dict()
+    assert LlamaConfig.from_hf_config(base).head_dim == 32
+    for key in ("attention_bias", "use_sliding_window"):
+        with pytest.raises(ConfigError, match=f"config.json: {key} True is not supported for qwen3"):
+            LlamaConfig.from_hf_config({**base, key: True})
