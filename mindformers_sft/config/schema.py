@@ -108,7 +108,13 @@ SCHEMA = {
     "eval_dataset": DATASET,
     "train_dataset_task": OPEN,
     "eval_dataset_task": OPEN,
-    "parallel": OPEN,
+    "parallel": {                      # MindFormers' parallel context (parallel/context.py); None: unset
+        "parallel_mode": None, "gradients_mean": None, "full_batch": None, "enable_alltoall": None,
+        "search_mode": None, "enable_parallel_optimizer": None, "parallel_optimizer_config": None,
+        "strategy_ckpt_config": None, "strategy_ckpt_save_file": None, "strategy_ckpt_load_file": None,
+        "dataset_strategy": None, "pipeline_config": None, "loss_repeated_mean": None, "device_num": None,
+        "auto_pipeline": None, "comm_fusion": None, "parameter_broadcast": None, "gradient_fp32_sync": None,
+    },
     "parallel_config": {
         "data_parallel": 1,
         "model_parallel": 1,

@@ -99,6 +99,9 @@ def test_unknown_keys_name_the_closest(tmp_path):
         load_config(write(tmp_path, base.replace("  type: CausalLanguageModelingTrainer", "  tpe: x")))
     with pytest.raises(ConfigError, match=r"load_ckpt_format: 'safetensor' .*did you mean 'safetensors'"):
         load_config(write(tmp_path, base.replace("load_ckpt_format: 'safetensors'", "load_ckpt_format: safetensor")))
+    with pytest.raises(ConfigError, match=r"c.yaml:109: unknown key 'parallel.enable_alltoal'; did you mean "
+                                          r"'enable_alltoall'"):
+        load_config(write(tmp_path, base.replace("enable_alltoall:", "enable_alltoal:")))
     with pytest.raises(ConfigError, match=r"dataset_strategy has 3 entries but train_dataset.input_columns has 4"):
         load_config(write(tmp_path, base.replace("      [*dp, 1],\n      [*dp, 1]\n", "      [*dp, 1]\n")))
 
