@@ -106,8 +106,8 @@ SCHEMA = {
     },
     "train_dataset": DATASET,
     "eval_dataset": DATASET,
-    "train_dataset_task": OPEN,
-    "eval_dataset_task": OPEN,
+    "train_dataset_task": {"type": None, "dataset_config": None},   # dataset_config: a dataset section
+    "eval_dataset_task": {"type": None, "dataset_config": None},
     "parallel": {                      # MindFormers' parallel context (parallel/context.py); None: unset
         "parallel_mode": None, "gradients_mean": None, "full_batch": None, "enable_alltoall": None,
         "search_mode": None, "enable_parallel_optimizer": None, "parallel_optimizer_config": None,

@@ -135,6 +135,9 @@ def test_dataset_task_config_stands_for_train_dataset(tmp_path):
     p = write(tmp_path, "train_dataset_task:\n  type: CausalLanguageModelDataset\n  dataset_config:\n"
                         "    data_loader: {type: HFDataLoader, path: json, data_files: a.json}\n    seq_length: 64\n")
     assert load_config(p).train_dataset.data_loader.data_files == "a.json"
+    with pytest.raises(ConfigError, match="unknown key 'train_dataset_task.dataset_confg'; did you mean "
+                                          "'dataset_config'"):
+        load_config(write(tmp_path, "train_dataset_task:\n  dataset_confg: {}\n"))
     with pytest.raises(ConfigError, match="train_dataset_task.type: 'CausalLanguageModelDatset'.*did you mean"):
         load_config(write(tmp_path, "train_dataset_task:\n  type: CausalLanguageModelDatset\n"))
 
