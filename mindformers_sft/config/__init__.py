@@ -11,7 +11,7 @@ import difflib
 import yaml
 
 from ..errors import ConfigError
-from .schema import CALLBACKS, DATASET, EXTRA, HANDLERS, LOADERS, NO_EFFECT_OFF_ASCEND, NOT_ACTED_ON, OPEN, SCHEMA
+from .schema import APPLIED_ON_ASCEND, CALLBACKS, DATASET, EXTRA, HANDLERS, LOADERS, NO_EFFECT_OFF_ASCEND, NOT_ACTED_ON, OPEN, SCHEMA
 from .model_names import translate as translate_model_config
 from .yaml_lines import LineDict, load_yaml, parse_value, where
 
@@ -168,7 +168,11 @@ def no_effect_lines(cfg, device: str) -> list:
     lines = []
     off = listed(NO_EFFECT_OFF_ASCEND) + [f"model.model_config.{k}" for k in getattr(cfg, "model_config_dropped", ())
                                           if f"model.model_config.{k}" not in NO_EFFECT_OFF_ASCEND]
-    if off and device != "Ascend":
+    if device == "Ascend":
+        off = [k for k in off if k not in APPLIED_ON_ASCEND and k.rsplit(".", 1)[0] not in APPLIED_ON_ASCEND]
+        if off:
+            lines.append(f"[config] accepted, not applied by this suite: {', '.join(sorted(set(off)))}")
+    elif off:
         lines.append(f"[config] accepted, no effect on this device ({device}): {', '.join(sorted(set(off)))}")
     idle = listed(NOT_ACTED_ON)
     if idle:

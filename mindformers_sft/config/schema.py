@@ -268,6 +268,12 @@ NO_EFFECT_OFF_ASCEND = {
     "model.model_config.use_flash_attention": None, "model.model_config.input_sliced_sig": None,
     "model.model_config.fp32_residual_connection": None, "model.model_config.moe_grouped_gemm": None,
 }
+# Of those, the ones this suite applies on Ascend (parallel/context.py, parallel/strategies.py, models/kernels.py,
+# the planner); the others are not applied there either, and are listed as such.
+APPLIED_ON_ASCEND = {
+    "context.max_device_memory", "parallel.enable_alltoall", "parallel.search_mode", "parallel_config.use_seq_parallel",
+    "parallel_config.expert_parallel", "model.model_config.use_flash_attention",
+}
 # MindFormers features accepted but not implemented here on any device (listed when set and truthy).
 NOT_ACTED_ON = {
     "profile": None, "profile_communication": None, "init_start_profile": None,
