@@ -145,7 +145,7 @@ def test_dataset_task_config_stands_for_train_dataset(tmp_path):
 
 
 def _resolve(tmp_path, **keys):
-    from mindformers_sft.run import resolve_pretrained
+    from mindformers_sft.pretrained import resolve_pretrained
     lines = [f"{k}: {v!r}" if isinstance(v, str) else f"{k}: {v}" for k, v in keys.items()]
     cfg = load_config(write(tmp_path, "use_legacy: False\n" + "\n".join(lines) + "\n", "r.yaml"))
     resolve_pretrained(cfg, log=lambda *a: None)
@@ -163,7 +163,7 @@ def test_pretrained_model_dir_gives_weights_tokenizer_and_architecture(tmp_path)
         ref.num_hidden_layers, ref.num_attention_heads, ref.num_key_value_heads, ref.hidden_size, ref.vocab_size)
     cfg = load_config(write(tmp_path, f"use_legacy: False\npretrained_model_dir: {STORIES}\nmodel:\n  model_config:\n"
                                       "    rms_norm_eps: 1.0e-6\n    params_dtype: float32\n", "o.yaml"))
-    from mindformers_sft.run import resolve_pretrained
+    from mindformers_sft.pretrained import resolve_pretrained
     resolve_pretrained(cfg, log=lambda *a: None)
     conf = model_config(cfg, log=lambda *a: None)
     assert conf.rms_norm_eps == 1e-6 and conf.num_layers == ref.num_hidden_layers   # YAML overrides config.json
@@ -191,7 +191,8 @@ def test_readme_tiny_command_resolves(monkeypatch):
     """`--config configs/qwen3/finetune_qwen3_tiny.yaml --run_mode train --vocab_file assets/tokenizers/qwen3`: the
     architecture of configs/qwen3/tiny_qwen3_hf/config.json (read by transformers too), random weights."""
     import transformers
-    from mindformers_sft.run import model_config, resolve_pretrained
+    from mindformers_sft.pretrained import resolve_pretrained
+    from mindformers_sft.run import model_config
     cfg = load_config(TINY, overrides={"run_mode": "train", "processor.tokenizer.vocab_file": "assets/tokenizers/qwen3"})
     monkeypatch.chdir(ROOT)
     resolve_pretrained(cfg, log=lambda *a: None)
