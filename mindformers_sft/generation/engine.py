@@ -14,8 +14,8 @@
 
 SamplingParams: max_tokens, temperature (<= 0: greedy), top_k (0 = off), top_p (1.0 = off), seed (None: random;
 each sequence has its own generator, so a seeded answer does not depend on what it is batched with),
-stop_token_ids (besides eos_ids). The returned tokens are the new ones only; a final eos / stop id is included
-(as in generate.generate).
+stop_token_ids (besides eos_ids), ignore_eos (always generate max_tokens, as vLLM's). The returned tokens are the
+new ones only; a final eos / stop id is included (as in generate.generate).
 
 Prompts of different lengths share one batch: rows are left-padded, each row has its own rotary positions and a
 key mask hides the padding (CausalLM.forward_with_cache key_mask / position_ids). Between decode steps waiting
@@ -50,6 +50,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: Optional[int] = None
     stop_token_ids: Sequence[int] = ()
+    ignore_eos: bool = False
 
     def check(self):
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -137,6 +138,7 @@ class Engine:
         self._lock = threading.Condition()
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
+        self.cancelled = 0        # sequences cancelled before they finished (clients that went away, stop strings)
         self._reset()
 
     def _reset(self):
@@ -194,7 +196,8 @@ class Engine:
             self._thread = None
 
     def stats(self) -> dict:
-        return {"running": len(self.rows), "waiting": len(self._waiting), "max_batch": self.max_batch}
+        return {"running": len(self.rows), "waiting": len(self._waiting), "max_batch": self.max_batch,
+                "cancelled": self.cancelled}
 
     # ---- scheduling ----
     def _serve(self):
@@ -223,6 +226,7 @@ class Engine:
                 r = self._waiting.popleft()
                 if r.cancelled:
                     r._finish(FINISH_CANCELLED)
+                    self.cancelled += 1
                 else:
                     new.append(r)
         if new:
@@ -261,7 +265,7 @@ class Engine:
             tok = pick_token(row, p.temperature, p.top_k, p.top_p, r.rng)
             self.last[i] = tok
             r._emit(tok)
-            if tok in self.eos or tok in r.stop_ids:
+            if (tok in self.eos and not p.ignore_eos) or tok in r.stop_ids:
                 r._finish(FINISH_STOP)
             elif len(r.tokens) >= p.max_tokens or len(r.prompt) + len(r.tokens) >= self.max_context:
                 r._finish(FINISH_LENGTH)
@@ -290,8 +294,9 @@ class Engine:
         if len(keep) == len(self.rows):
             return
         for i, r in enumerate(self.rows):
-            if i not in keep:
+            if i not in keep and r.finish_reason is None:
                 r._finish(reason)
+                self.cancelled += reason == FINISH_CANCELLED
         if not keep:
             self._reset()
             return

@@ -116,7 +116,8 @@ def create_app(engine, tokenizer, template, model_name: str, api_key: str = None
                                 f"{asked}. Please reduce the length of the {what} or completion.",
                            "messages" if what == "messages" else "prompt", "context_length_exceeded")
         return SamplingParams(max_tokens=max_tokens or ctx - n_prompt, temperature=body.temperature,
-                              top_k=max(body.top_k, 0), top_p=body.top_p, seed=body.seed)
+                              top_k=max(body.top_k, 0), top_p=body.top_p, seed=body.seed,
+                              ignore_eos=body.ignore_eos)
 
     def submit(ids, params):
         return engine.submit(ids, params, loop=asyncio.get_running_loop())

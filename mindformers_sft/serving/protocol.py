@@ -67,6 +67,7 @@ class _Sampling(BaseModel):
     n: int = Field(1, ge=1, le=1)
     logprobs: Optional[Union[bool, int]] = None
     user: Optional[str] = None
+    ignore_eos: bool = False                # vLLM's extension: always generate max_tokens
 
     def stop_list(self) -> List[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -46,6 +46,12 @@ def test_mixed_lengths_and_continuous_joins_equal_transformers(model, hf_greedy)
     budgets = [3, NEW, 7, NEW, 1, 12]
     out = engine.generate(PROMPTS, [SamplingParams(max_tokens=b) for b in budgets])
     assert out == [h[:b] for h, b in zip(hf_greedy, budgets)]
+    # ignore_eos generates max_tokens whatever comes
+    eos = hf_greedy[0][3]
+    other_eos = Engine(model, eos_ids=[eos], max_batch=3, max_context=512)
+    assert other_eos.generate([PROMPTS[0]], SamplingParams(max_tokens=NEW))[0] == \
+        hf_greedy[0][:hf_greedy[0].index(eos) + 1]
+    assert other_eos.generate([PROMPTS[0]], SamplingParams(max_tokens=NEW, ignore_eos=True))[0] == hf_greedy[0]
     # our own single-request path agrees too
     assert generate(model, [PROMPTS[2]], NEW, eos_token_id=[2])[0][len(PROMPTS[2]):] == hf_greedy[2]
 
@@ -79,7 +85,7 @@ def test_threaded_submit_stop_ids_cancel_and_seeded_sampling(model, hf_greedy):
         assert alone != hf_greedy[0][:16]
     finally:
         engine.stop()
-    assert engine.stats() == {"running": 0, "waiting": 0, "max_batch": 4}
+    assert engine.stats() == {"running": 0, "waiting": 0, "max_batch": 4, "cancelled": 1}
 
 
 def test_context_limit_and_bad_params(model):

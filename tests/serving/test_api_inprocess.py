@@ -43,7 +43,8 @@ def reference():
     ids = hf_tok(conv.get_prompt())["input_ids"]
     hf = transformers.LlamaForCausalLM.from_pretrained(STORIES, dtype=torch.float32).eval()
     with torch.no_grad():
-        new = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=20, pad_token_id=0)[0].tolist()[len(ids):]
+        new = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=20, pad_token_id=0)[0].tolist()
+    new = new[len(ids):]
     return ids, new, hf_tok.decode(new, skip_special_tokens=True)
 
 

@@ -99,19 +99,32 @@ def test_errors_api_key_and_disconnect(client, server):
         openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
     assert httpx.get(url + "/v1/models").status_code == 401
 
-    # a client that goes away mid-stream frees its slot; the server goes on serving
+    # a client that goes away (mid-stream, or while waiting for a whole answer) frees its slot; the server goes on
     auth = {"Authorization": f"Bearer {API_KEY}"}
+
+    def health():
+        return httpx.get(url + "/health", headers=auth).json()
+
+    def settled(before):
+        for _ in range(100):
+            h = health()
+            if h["running"] == 0 and h["cancelled"] == before + 1:
+                return h
+            threading.Event().wait(0.1)
+        return h
+
     body = {"model": name, "messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 400,
-            "temperature": 0, "stream": True}
+            "temperature": 0, "stream": True, "ignore_eos": True}
+    before = health()["cancelled"]
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, headers=auth, timeout=60) as r:
         lines = r.iter_lines()
         got = [next(lines) for _ in range(6)]
         assert any(line.startswith("data: {") for line in got)
-        assert httpx.get(url + "/health", headers=auth).json()["running"] == 1
-    for _ in range(100):
-        health = httpx.get(url + "/health", headers=auth).json()
-        if health["running"] == 0:
-            break
-        threading.Event().wait(0.1)
-    assert health["running"] == 0 and health["waiting"] == 0
+        assert health()["running"] == 1
+    h = settled(before)
+    assert (h["running"], h["waiting"], h["cancelled"]) == (0, 0, before + 1)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/chat/completions", json={**body, "stream": False}, headers=auth, timeout=1.5)
+    h = settled(before + 1)
+    assert (h["running"], h["waiting"], h["cancelled"]) == (0, 0, before + 2)
     assert _chat(client, name, QUESTIONS[1]).choices[0].message.content
