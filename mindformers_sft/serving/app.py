@@ -49,6 +49,19 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
+class JSONBody:
+    """ASGI middleware: POST bodies are JSON whatever their content type says (curl -d sends form encoding)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST":
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            scope = {**scope, "headers": headers + [(b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)
+
+
 def create_app(engine, tokenizer, template, model_name: str, api_key: str = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app):
@@ -57,6 +70,7 @@ def create_app(engine, tokenizer, template, model_name: str, api_key: str = None
         engine.stop()
 
     app = FastAPI(title="mindformers_sft OpenAI-compatible server", lifespan=lifespan)
+    app.add_middleware(JSONBody)
     if api_key:
         app.add_middleware(BearerAuth, key=api_key)
     created = int(time.time())
@@ -247,7 +261,7 @@ def _chat_chunks(req, ts, meta, n_prompt, include_usage):
 
     def chunk(piece, finish):
         delta = {} if piece is None else {"content": piece}
-        if first[0] and piece is not None:
+        if first[0] and (piece is not None or finish is not None):
             delta, first[0] = {"role": "assistant", **delta}, False
         return {**meta, "object": "chat.completion.chunk",
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}

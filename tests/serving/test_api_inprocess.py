@@ -98,6 +98,11 @@ def test_completions_stop_strings_and_models(client):
                for s in (5, 5, 6, 7)]
     assert sampled[0] == sampled[1] and len(set(sampled[1:])) > 1 and full not in sampled
     assert client.get("/v1/models").json()["data"][0]["id"] == NAME
+    # a JSON body sent as form data (curl -d without a content type) is read as JSON
+    r = client.post("/v1/completions", content=json.dumps({"model": NAME, "prompt": prompt, "max_tokens": 30,
+                                                            "temperature": 0}),
+                    headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.json()["choices"][0]["text"] == full
     assert client.get(f"/v1/models/{NAME}").json()["max_model_len"] == 512
     assert "<html" in client.get("/").text.lower()
 
