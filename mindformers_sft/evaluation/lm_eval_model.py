@@ -80,7 +80,8 @@ def build_from_config(config=None, load_checkpoint=None, vocab_file=None, regist
     opts = options.split() if isinstance(options, str) else list(options or [])
     cfg = load_config(config, opts, overrides)
     run.setup_context(cfg)
-    run.resolve_pretrained(cfg, log.info)      # MindFormers 1.6+ pretrained_model_dir
+    from ..pretrained import resolve_pretrained
+    resolve_pretrained(cfg, log.info)          # MindFormers 1.6+ pretrained_model_dir
     model = run.build_model(cfg, 0, log=log.info)
     return model, run.check_tokenizer(cfg, model.config)
 
