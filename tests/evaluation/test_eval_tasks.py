@@ -56,3 +56,21 @@ def test_hub_dataset_offline_names_what_it_needs(tmp_path):
         harness.check_datasets(tm, ["my_hub_mc"])
     msg = str(e.value)
     assert "my_hub_mc" in msg and "no-such-org/no-such-dataset" in msg and "--include_path" in msg
+
+
+def test_lm_eval_command_line_with_our_model(tmp_path):
+    """`python -m mindformers_sft.evaluation.lm_eval_cli` is lm-eval's CLI with `mindformers_sft` registered (and
+    lm-eval's own models still there)."""
+    import subprocess
+    import sys
+    from lm_eval.api.registry import get_model
+    import mindformers_sft.evaluation.lm_eval_model  # noqa: F401
+    assert get_model("hf").__name__ == "HFLM" and get_model("mindformers_sft").__name__ == "MindFormersLM"
+    r = subprocess.run([sys.executable, "-m", "mindformers_sft.evaluation.lm_eval_cli", "--model", "mindformers_sft",
+                        "--model_args", f"config={CONFIG},load_checkpoint=assets/models/stories260K",
+                        "--tasks", "alpaca_mc", "--include_path", "assets/eval", "--limit", "2", "--batch_size", "2",
+                        "--output_path", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "alpaca_mc" in r.stdout and "acc" in r.stdout
+    found = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs if f.startswith("results")]
+    assert found and "alpaca_mc" in json.load(open(found[0]))["results"]
