@@ -133,3 +133,26 @@ def test_every_family_batches_through_the_same_path(family, tmp_path):
                            eos_token_id=2)[0].tolist()[len(p):] for p in prompts]
     assert Engine(model, eos_ids=[2], max_batch=2, max_context=256).generate(prompts, SamplingParams(max_tokens=8)) \
         == ref
+
+
+def test_a_failing_step_fails_its_rows_and_the_engine_goes_on(model, hf_greedy):
+    class Flaky:
+        """The model, failing on its 3rd call."""
+        def __init__(self):
+            self.config, self.calls = model.config, 0
+
+        def forward_with_cache(self, *args, **kw):
+            self.calls += 1
+            if self.calls == 3:
+                raise RuntimeError("device lost")
+            return model.forward_with_cache(*args, **kw)
+
+    engine = Engine(Flaky(), eos_ids=[2], max_batch=2, max_context=512)
+    engine.start()
+    try:
+        bad = engine.submit(PROMPTS[0], SamplingParams(max_tokens=NEW))
+        list(bad)
+        assert bad.finish_reason == "error" and "device lost" in bad.error
+        assert engine.generate([PROMPTS[1]], SamplingParams(max_tokens=NEW)) == [hf_greedy[1]]
+    finally:
+        engine.stop()
