@@ -62,3 +62,18 @@ def test_template_and_name_come_from_the_training_run(tmp_path):
     assert model_name(str(run / "checkpoint")) == "my_sft_run"
     assert model_name(STORIES) == "stories260K"
     assert recorded_template(STORIES) is None
+
+
+def test_a_tokenizer_chat_template_is_the_fallback_and_renders_as_transformers():
+    from mindformers_sft.config import load_config
+    from mindformers_sft.generation.chat import prompt_ids
+    from mindformers_sft.serving import serving_template
+    tok = load_tokenizer(QWEN2_TOKENIZER)
+    hf = transformers.AutoTokenizer.from_pretrained(QWEN2_TOKENIZER)
+    cfg = load_config(None, [f"load_checkpoint={QWEN2_TOKENIZER}"])
+    template = serving_template(cfg, None, tok)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "你好"},
+                {"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "2+2?"}]
+    turns = [(m["role"], m["content"]) for m in messages[1:]]
+    assert prompt_ids(template, tok, turns, "Be brief.") == hf.apply_chat_template(messages, add_generation_prompt=True)
+    assert serving_template(cfg, "none", tok) is None
