@@ -164,7 +164,7 @@ class MindFormersLM(TemplateLM):
 
     def get_model_info(self) -> dict:
         return {"model_num_parameters": int(sum(p.size for p in self.model.get_parameters())),
-                "model_dtype": self.model.config.compute_dtype}
+                "model_dtype": getattr(self.model.config, "compute_dtype", None)}
 
     # ---- tokens ----
     def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None, left_truncate_len=None,
