@@ -115,7 +115,8 @@ def block(a):
     from transformers import Qwen3MoeConfig
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
     from mindformers_sft.models import kernels
-    from mindformers_sft.models.moe import MoEBlock, stack_experts
+    from mindformers_sft.convert.names_qwen3 import experts_stack as stack_experts
+    from mindformers_sft.models.moe import MoEBlock
     ms.set_device("CPU")
     ms.set_context(mode=ms.PYNATIVE_MODE)
     torch.manual_seed(0)

@@ -142,16 +142,31 @@ def fc1_split(fc1, interleaved: bool = True):
 def experts_stack(gates: List[np.ndarray], ups: List[np.ndarray], downs: List[np.ndarray]):
     """Per-expert HF gate/up (Im, H) and down (H, Im) -> (weight1 (E*H, 2*Im), weight2 (E*Im, H)), MF's
     concat_expert_weight: weight1 block e = [gate_e; up_e].T, weight2 block e = down_e.T."""
+    if not (len(gates) == len(ups) == len(downs)) or not gates:
+        raise CheckpointError(f"experts_stack: expected as many gate, up and down matrices (>= 1), got "
+                              f"{len(gates)}, {len(ups)}, {len(downs)}")
+    im, h = np.shape(gates[0])
+    for e, (g, u, d) in enumerate(zip(gates, ups, downs)):
+        if np.shape(g) != (im, h) or np.shape(u) != (im, h) or np.shape(d) != (h, im):
+            raise CheckpointError(f"experts_stack: expert {e}: gate {np.shape(g)}, up {np.shape(u)}, "
+                                  f"down {np.shape(d)}; expected ({im}, {h}), ({im}, {h}), ({h}, {im})")
     w1 = np.stack([np.concatenate((g, u), 0).T for g, u in zip(gates, ups)], 0)      # (E, H, 2Im)
-    w2 = np.stack([d.T for d in downs], 0)                                            # (E, Im, H)
-    return w1.reshape(-1, w1.shape[-1]), w2.reshape(-1, w2.shape[-1])
+    w2 = np.stack([np.asarray(d).T for d in downs], 0)                                # (E, Im, H)
+    return np.ascontiguousarray(w1.reshape(-1, 2 * im)), np.ascontiguousarray(w2.reshape(-1, h))
 
 
 def experts_unstack(weight1, weight2, num_experts: int):
     """Inverse of experts_stack -> (gates, ups, downs) lists of HF-layout arrays."""
-    w1 = weight1.reshape(num_experts, -1, weight1.shape[-1])          # (E, H, 2Im)
-    w2 = weight2.reshape(num_experts, -1, weight2.shape[-1])          # (E, Im, H)
-    im = w1.shape[-1] // 2
+    w1, w2 = np.asarray(weight1), np.asarray(weight2)
+    if w1.ndim != 2 or w2.ndim != 2 or w1.shape[0] % num_experts or w1.shape[1] % 2 or w2.shape[0] % num_experts:
+        raise CheckpointError(f"experts_unstack: weight1 {w1.shape} / weight2 {w2.shape} are not "
+                              f"(E*H, 2*Im) / (E*Im, H) for E = {num_experts}")
+    h, im = w1.shape[0] // num_experts, w1.shape[1] // 2
+    if w2.shape != (num_experts * im, h):
+        raise CheckpointError(f"experts_unstack: weight2 {w2.shape}; expected ({num_experts * im}, {h}) from "
+                              f"weight1 {w1.shape}")
+    w1 = w1.reshape(num_experts, h, 2 * im)
+    w2 = w2.reshape(num_experts, im, h)
     gates = [np.ascontiguousarray(w1[e, :, :im].T) for e in range(num_experts)]
     ups = [np.ascontiguousarray(w1[e, :, im:].T) for e in range(num_experts)]
     downs = [np.ascontiguousarray(w2[e].T) for e in range(num_experts)]

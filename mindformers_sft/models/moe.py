@@ -11,8 +11,8 @@ Parameters (relative to the block; in the model `decoder.layers.N.mlp.` + these,
                        (gate and up concatenated contiguously, not interleaved; MindFormers' concat_ffn_weight_infer
                        then concat_expert_weight)
   experts.weight2      (E*F, H): rows e*F .. e*F+F-1 = HF experts.e.down_proj.weight^T
-(E = num_experts, H = hidden_size, F = moe_intermediate_size.) `stack_experts` / `unstack_experts` convert between
-this layout and HF's per-expert matrices (numpy only).
+(E = num_experts, H = hidden_size, F = moe_intermediate_size.) convert/names_qwen3.py's `experts_stack` /
+`experts_unstack` convert between this layout and HF's per-expert matrices (numpy only).
 
 Experts LoRA (`GroupedExperts.enable_lora`): per-expert low-rank updates of weight1 and weight2, stacked:
   experts.lora_a1 (E, r, H), experts.lora_b1 (E, 2F, r)   delta of expert e's (2F, H) [gate; up] = B1[e] @ A1[e]
@@ -40,46 +40,10 @@ import mindspore as ms
 from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import HeUniform, Normal, initializer
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import ConfigError
 from . import kernels
 
 _MS_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Layout helpers (numpy only)
-# ---------------------------------------------------------------------------------------------------------------
-def stack_experts(gate_list, up_list, down_list):
-    """HF per-expert gate_proj/up_proj (F, H) and down_proj (H, F) matrices -> (weight1 (E*H, 2F), weight2 (E*F, H))."""
-    if not (len(gate_list) == len(up_list) == len(down_list)) or not gate_list:
-        raise CheckpointError(f"stack_experts: expected as many gate, up and down matrices (>= 1), got "
-                              f"{len(gate_list)}, {len(up_list)}, {len(down_list)}")
-    f, h = np.shape(gate_list[0])
-    for e, (g, u, d) in enumerate(zip(gate_list, up_list, down_list)):
-        if np.shape(g) != (f, h) or np.shape(u) != (f, h) or np.shape(d) != (h, f):
-            raise CheckpointError(f"stack_experts: expert {e}: gate {np.shape(g)}, up {np.shape(u)}, "
-                                  f"down {np.shape(d)}; expected ({f}, {h}), ({f}, {h}), ({h}, {f})")
-    w1 = np.stack([np.concatenate([g, u], 0).T for g, u in zip(gate_list, up_list)], 0)   # (E, H, 2F)
-    w2 = np.stack([np.asarray(d).T for d in down_list], 0)                               # (E, F, H)
-    return np.ascontiguousarray(w1.reshape(-1, 2 * f)), np.ascontiguousarray(w2.reshape(-1, h))
-
-
-def unstack_experts(weight1, weight2, num_experts: int):
-    """Inverse of stack_experts: (weight1 (E*H, 2F), weight2 (E*F, H)) -> (gate list, up list, down list)."""
-    w1, w2 = np.asarray(weight1), np.asarray(weight2)
-    if w1.ndim != 2 or w2.ndim != 2 or w1.shape[0] % num_experts or w1.shape[1] % 2 or w2.shape[0] % num_experts:
-        raise CheckpointError(f"unstack_experts: weight1 {w1.shape} / weight2 {w2.shape} are not "
-                              f"(E*H, 2F) / (E*F, H) for E = {num_experts}")
-    h, f = w1.shape[0] // num_experts, w1.shape[1] // 2
-    if w2.shape != (num_experts * f, h):
-        raise CheckpointError(f"unstack_experts: weight2 {w2.shape}; expected ({num_experts * f}, {h}) from weight1 "
-                              f"{w1.shape}")
-    w1 = w1.reshape(num_experts, h, 2 * f)
-    w2 = w2.reshape(num_experts, f, h)
-    gates = [np.ascontiguousarray(w1[e, :, :f].T) for e in range(num_experts)]
-    ups = [np.ascontiguousarray(w1[e, :, f:].T) for e in range(num_experts)]
-    downs = [np.ascontiguousarray(w2[e].T) for e in range(num_experts)]
-    return gates, ups, downs
 
 
 # ---------------------------------------------------------------------------------------------------------------

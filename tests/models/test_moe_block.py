@@ -12,7 +12,8 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBl
 
 from mindformers_sft.errors import CheckpointError
 from mindformers_sft.models import kernels
-from mindformers_sft.models.moe import MoEBlock, load_balancing_loss, stack_experts, unstack_experts
+from mindformers_sft.convert.names_qwen3 import experts_stack as stack_experts, experts_unstack as unstack_experts
+from mindformers_sft.models.moe import MoEBlock, load_balancing_loss
 
 H, F, E, K = 32, 24, 8, 2
 PATHS = [True, False]   # fused CPU kernel, basic-op fallback
