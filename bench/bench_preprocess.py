@@ -41,7 +41,9 @@ def run_ours(path: str, seq_length: int, num_workers: int):
     from mindformers_sft.tokenizer import load_tokenizer
     t0 = time.perf_counter()
     tok = load_tokenizer(LLAMA2)
-    opts = SFTOptions(seq_length=seq_length, template="vicuna_v1.1", data_format="alpaca", num_workers=num_workers)
+    # truncation "cut": what FastChat does with an over-long sample (keep its first seq_length + 1 tokens)
+    opts = SFTOptions(seq_length=seq_length, template="vicuna_v1.1", data_format="alpaca", num_workers=num_workers,
+                      truncation="cut")
     stats = Stats()
     rows = 0
     with RejectLog(None, stats) as log:
