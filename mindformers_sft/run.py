@@ -101,7 +101,7 @@ def _checkpoint_architecture(path):
     except SFTError:
         return None
     if entry and entry.get("hf_config"):
-        return LlamaConfig.from_hf_config(entry["hf_config"])
+        return LlamaConfig.from_hf_config(entry["hf_config"], **(entry.get("weight_layout") or {}))
     if entry and entry.get("base_checkpoint"):
         return _checkpoint_architecture(entry["base_checkpoint"])
     return None
@@ -158,9 +158,31 @@ def tokenizer_path(cfg) -> str:
     for p in (tok.path, tok.tokenizer_file, tok.vocab_file, cfg.train_dataset.data_loader.tokenizer):
         if p:
             return p
-    if cfg.load_checkpoint and os.path.isdir(cfg.load_checkpoint):
-        return cfg.load_checkpoint
+    for recorded, d in _checkpoint_sources(cfg.load_checkpoint):
+        if recorded and os.path.exists(recorded):
+            return recorded
+        if d and any(os.path.isfile(os.path.join(d, f)) for f in TOKENIZER_FILES):
+            return d
     raise ConfigError("no tokenizer: set processor.tokenizer.vocab_file (or --vocab_file)")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def _checkpoint_sources(path, depth=0):
+    """(tokenizer recorded by the training run, directory) for `path` and, for a training checkpoint, the base
+    weights it was trained from (meta.json's base_checkpoint), where the tokenizer files usually are."""
+    from .checkpoint.loading import resolve
+    if not path or not os.path.exists(path) or depth > 4:
+        return
+    entry = None
+    try:
+        _, _, entry = resolve(path, warn=lambda *a: None)
+    except SFTError:
+        pass
+    yield (entry or {}).get("tokenizer"), path if os.path.isdir(path) else None
+    if entry and entry.get("base_checkpoint"):
+        yield from _checkpoint_sources(entry["base_checkpoint"], depth + 1)
 
 
 def check_tokenizer(cfg, model_conf):
@@ -244,6 +266,7 @@ def _train(cfg, rank, log):
     from .trainer.loop import evaluate, train
     model = build_model(cfg, rank.rank, log)
     check_tokenizer(cfg, model.config)
+    cfg.processor.tokenizer.vocab_file = os.path.abspath(tokenizer_path(cfg))   # recorded in meta.json
     train_ds = _dataset(cfg, "train_dataset")
     eval_ds = _dataset(cfg, "eval_dataset") if _has_data(cfg.eval_dataset) else None
     log(f"[data] {len(train_ds)} training samples" + (f", {len(eval_ds)} eval samples" if eval_ds else ""))

@@ -287,7 +287,7 @@ def _reversed(args, inp, outp) -> ConvertResult:
     spec = None
     if args.config is None and entry and entry.get("hf_config"):
         spec = spec_from_hf_dict(entry["hf_config"], os.path.join(os.path.dirname(inp), "meta.json"),
-                                  model_family(args.model))
+                                  model_family(args.model), entry.get("weight_layout"))
     return convert_mf_to_hf(inp, outp, args.model, args.dtype, args.config, args.max_shard_size, spec=spec,
                             arch=args.arch)
 

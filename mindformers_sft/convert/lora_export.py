@@ -152,7 +152,8 @@ def export_lora(input_path: str, output_path: str, peft_path: Optional[str] = No
     elif is_hf_dir(base):
         spec = load_model_config(base)
     elif entry.get("hf_config"):
-        spec = spec_from_hf_dict(entry["hf_config"], os.path.join(os.path.dirname(src), "meta.json"), None)
+        spec = spec_from_hf_dict(entry["hf_config"], os.path.join(os.path.dirname(src), "meta.json"), None,
+                                 entry.get("weight_layout"))
     else:
         raise ConfigError(f"{src}: no model config: pass --config with the base model's config.json")
     layout = layout_for(spec.config, None if is_hf_dir(base) else

@@ -53,8 +53,10 @@ def _read_json(path: str) -> dict:
     return d
 
 
-def spec_from_hf_dict(hf: dict, source: str, family: Optional[str]) -> ModelSpec:
-    cfg = LlamaConfig.from_hf_config(hf)  # errors name config.json; re-raise with the real path
+def spec_from_hf_dict(hf: dict, source: str, family: Optional[str],
+                      weight_layout: Optional[dict] = None) -> ModelSpec:
+    """weight_layout: the fused-tensor layout a training checkpoint's meta.json records (config.json has none)."""
+    cfg = LlamaConfig.from_hf_config(hf, **(weight_layout or {}))  # errors name config.json
     if family is not None and cfg.model_type != family:
         raise ConfigError(f"{source}: model_type '{hf.get('model_type', 'llama')}' does not match "
                           f"--model (family '{family}')")

@@ -277,6 +277,11 @@ class LlamaConfig:
             d["use_sliding_window"] = False
         return d
 
+    def weight_layout(self) -> dict:
+        """How the fused Qwen3 tensors are laid out (LAYOUT_KEYS): not in config.json, so training checkpoints
+        record it in meta.json ("weight_layout") and loading / --reversed read it back."""
+        return {k: getattr(self, k) for k in LAYOUT_KEYS}
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         extra = d.pop("extra")
@@ -293,6 +298,7 @@ def derive_intermediate_size(hidden_size: int, multiple_of: int = 256, ffn_dim_m
 
 
 MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe")
+LAYOUT_KEYS = ("qkv_concat", "use_contiguous_weight_layout_attention", "use_interleaved_weight_layout_mlp")
 HF_MODEL_TYPES = {t: t for t in MODEL_TYPES}
 HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                     "qwen3_moe": "Qwen3MoeForCausalLM"}

@@ -146,7 +146,9 @@ def train(cfg, model, train_ds, eval_ds=None, rank: RankInfo = RankInfo(), strea
         path = manager.save(trainable_arrays(model, opt, full), at, epoch, at * plan.global_batch,
                             extra={"loss_scale": scaler.value if scaler else None, "seed": cfg.seed,
                                    "full_weights": full, "base_checkpoint": base_ckpt, "parallel": layout,
-                                   "pet_config": model.config.pet_config, "hf_config": hf_config})
+                                   "pet_config": model.config.pet_config, "hf_config": hf_config,
+                                   "weight_layout": model.config.weight_layout(),
+                                   "tokenizer": cfg.processor.tokenizer.vocab_file or ""})
         last_saved = at
         result.last_checkpoint = path
         return path
