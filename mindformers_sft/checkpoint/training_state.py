@@ -11,6 +11,7 @@ corrupt file is reported and the previous one is used.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -90,7 +91,20 @@ class CheckpointManager:
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{p}:{e.lineno}: meta.json is not valid JSON ({e.msg})") from None
 
+    def remove_stale_temps(self):
+        """Delete the temporary files a save killed before its rename left in this rank's directory."""
+        for pat in (f".{self.prefix}_rank_{self.rank}-*.tmp", f".{self.prefix}_rank_{self.rank}-*.spool",
+                    f".{META}.*.tmp"):
+            for p in glob.glob(os.path.join(glob.escape(self.dir), pat)):
+                try:
+                    os.remove(p)
+                except FileNotFoundError:
+                    pass
+
     def save(self, arrays: dict, step: int, epoch: int, consumed_samples: int, extra: dict = None) -> str:
+        if not getattr(self, "_temps_removed", False):   # one writer per rank directory: leftovers are stale
+            self.remove_stale_temps()
+            self._temps_removed = True
         name = f"{self.prefix}_rank_{self.rank}-{epoch}_{step}.{self.fmt}"
         path = os.path.join(self.dir, name)
         save_tensors_atomic(arrays, path, self.fmt)

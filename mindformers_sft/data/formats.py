@@ -224,6 +224,8 @@ def _chat(record: dict, mk: dict, fmt: str) -> Conversation:
         if ck is None:
             raise RecordError(f"{list_key}[{j}]: missing content field ({' or '.join(map(repr, content_tags))})")
         role = m[rk]
+        if not isinstance(role, str):
+            raise RecordError(f"{list_key}[{j}].{rk} must be a string role, found {type(role).__name__}")
         content = _text(m[ck], f"{list_key}[{j}].{ck}")
         if role in systems:
             if j != 0:

@@ -291,7 +291,8 @@ def _find_next_start(w: _Window, pos: int, indent, array: bool):
     Records are recognised by the indentation the first record had (pretty-printed or one-per-line files);
     otherwise by a ',' (array) or a newline (concatenated objects) before the '{'."""
     if indent is not None:
-        pat, off = re.compile("\n" + re.escape(indent) + r"\{"), len(indent) + 1
+        # any value at the records' indentation starts a record (a non-object one is then rejected, not skipped)
+        pat, off = re.compile("\n" + re.escape(indent) + r"[-{\[\"0-9ntf]"), len(indent) + 1
     else:
         pat, off = re.compile(r",[ \t\r\n]*\{" if array else r"\n[ \t\r]*\{"), None
     while True:
