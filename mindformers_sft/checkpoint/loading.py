@@ -99,7 +99,10 @@ def resolve(path: str, rank: int = 0, warn=print):
     if is_hf_dir(path):
         return "hf", path, None
     if os.path.isfile(path):
-        return "file", path, meta_entry(path) or None
+        entry = meta_entry(path) or None
+        if entry and "sha256" in entry:     # a training checkpoint named directly: size and sha256 as on resume
+            CheckpointManager.for_dir(os.path.dirname(os.path.abspath(path))).verify(entry)
+        return "file", path, entry
     rdir = _training_rank_dir(path, rank)
     if rdir is None:
         raise CheckpointError(f"{path}: a directory with neither a Hugging Face model (config.json + *.safetensors) "

@@ -102,6 +102,21 @@ class CheckpointManager:
                     pass
 
     def save(self, arrays: dict, step: int, epoch: int, consumed_samples: int, extra: dict = None) -> str:
+        """Write the checkpoint of `step`; a failed write (no space, no permission) is a CheckpointError naming
+        the file, and the previous checkpoint stays the latest."""
+        try:
+            return self._save(arrays, step, epoch, consumed_samples, extra)
+        except OSError as e:
+            path = os.path.join(self.dir, f"{self.prefix}_rank_{self.rank}-{epoch}_{step}.{self.fmt}")
+            try:
+                last = self._meta().get("last_ckpt_file")
+            except (OSError, CheckpointError):
+                last = None
+            keep = f"; {last} stays the latest checkpoint" if last else "; no checkpoint was saved before"
+            raise CheckpointError(f"{path}: cannot write the checkpoint of step {step} "
+                                  f"({e.strerror or e}{': ' + e.filename if e.filename else ''}){keep}") from e
+
+    def _save(self, arrays: dict, step: int, epoch: int, consumed_samples: int, extra: dict = None) -> str:
         if not getattr(self, "_temps_removed", False):   # one writer per rank directory: leftovers are stale
             self.remove_stale_temps()
             self._temps_removed = True
