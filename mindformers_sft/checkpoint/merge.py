@@ -12,7 +12,9 @@ import os
 import numpy as np
 
 from ..errors import CheckpointError
-from .io import load_tensors, save_ckpt, save_safetensors
+from .ckpt_io import save_ckpt
+from .io import load_tensors
+from .safetensors_io import save_safetensors
 from .loading import OPT_PREFIXES
 from .training_state import CheckpointManager
 from .transform import find_strategy, rank_dirs, to_complete

@@ -17,7 +17,10 @@ import json
 import os
 
 from ..errors import CheckpointError
-from .io import atomic_write_json, load_tensors, save_ckpt, save_safetensors
+from .atomic import atomic_write_json
+from .ckpt_io import save_ckpt
+from .io import load_tensors
+from .safetensors_io import save_safetensors
 
 META = "meta.json"
 

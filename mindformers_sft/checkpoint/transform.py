@@ -134,7 +134,7 @@ def _merge_stages(directory, files, workdir):
 
 def _stage_complete_source(src: str, tmp: str, warn) -> str:
     """A complete source as one CKPT file MindSpore can read (HF dirs and safetensors are converted)."""
-    from .io import save_ckpt
+    from .ckpt_io import save_ckpt
     from .loading import read_weights, resolve
     kind, path, _ = resolve(src, warn=warn)
     if kind == "file" and path.endswith(".ckpt"):
@@ -212,7 +212,7 @@ class _atomic_dir:
 def write_meta(path: str, source_entry: dict, source: str, parallel: dict = None):
     """meta.json beside an assembled checkpoint, carrying what the source recorded (architecture, LoRA base,
     step), so eval, predict and convert_weight.py treat it like any training checkpoint."""
-    from .io import atomic_write_json
+    from .atomic import atomic_write_json
     from .training_state import _sha256
     keep = {k: v for k, v in source_entry.items() if k not in ("file", "size", "sha256", "parallel")}
     entry = {**keep, "file": os.path.basename(path), "size": os.path.getsize(path), "sha256": _sha256(path),

@@ -1,7 +1,7 @@
 """Hugging Face <-> MindFormers weight conversion (names, shapes, grouped streaming convert)."""
-from .hf import (ConvertResult, build_parser, convert_hf_to_mf, convert_mf_to_hf, is_ignored_mf, main, run)
+from .hf import ConvertResult, build_parser, convert_hf_to_mf, convert_mf_to_hf, main, run
 from .layouts import expected_hf_shapes, expected_shapes, layout_for
-from .names import hf_to_mf, is_ignored_hf, mf_to_hf
+from .names import hf_to_mf, is_ignored_hf, is_ignored_mf, mf_to_hf
 from .spec import (FAMILIES, HF_CONFIG_METADATA_KEY, ModelSpec, load_model_config, model_family,
                    sidecar_config_path)
 

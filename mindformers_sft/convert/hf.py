@@ -4,7 +4,7 @@ Llama-family conversion is a rename (see :mod:`.names`); Qwen3 fuses q/k/v and g
 (:mod:`.layout_qwen3`). Values are copied bit for bit (or cast with ``--dtype``). The input is read group by
 group (:mod:`.plan`: one tensor, a layer's q/k/v, one MoE layer's experts), so peak memory stays near the
 largest group plus one memory-mapped input shard, whatever the model size, for every output format (CKPT
-included: see :mod:`mindformers_sft.checkpoint.io`).
+included: see :mod:`mindformers_sft.checkpoint.ckpt_io`).
 
 Every tensor is checked before anything is written: its name must be a weight of the family, its shape
 must be the one :func:`expected_shapes` derives from the model config, and no expected tensor may be
@@ -34,31 +34,15 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
 from ..checkpoint.dtypes import dtype_name, to_np_dtype
-from ..checkpoint.io import (CkptWriter, SafetensorsWriter, ShardedSafetensorsWriter, TensorInfo,
-                             atomic_write_json, checkpoint_files, file_format, file_infos, parse_size)
+from ..checkpoint import (CkptWriter, SafetensorsWriter, ShardedSafetensorsWriter, TensorInfo,
+                          atomic_write_json, checkpoint_files, file_format, file_infos, infos_of_files,
+                          parse_size)
 from ..errors import CheckpointError, ConfigError, SFTError
 from .layouts import layout_for
-from .names import is_ignored_hf
+from .names import is_ignored_hf, is_ignored_mf
 from .plan import Plan, out_dtype, output_spec, plan, write_all
 from .spec import (HF_CONFIG_METADATA_KEY, MF_ARCH_FLAGS, ModelSpec, apply_flags, find_config_for_mf,
                    load_model_config, model_family, sidecar_config_path, spec_from_hf_dict)
-
-# Entries of MindFormers training checkpoints that are not model weights (optimizer state, counters).
-MF_IGNORED_PREFIXES = ("adam_m.", "adam_v.", "accu_grads.", "moment1.", "moment2.", "moments.", "optimizer.")
-MF_IGNORED_NAMES = frozenset({"global_step", "epoch_num", "step_num", "loss_scale", "scale_sense",
-                              "current_iterator_step", "last_overflow_iterator_step", "learning_rate",
-                              "beta1_power", "beta2_power"})
-# Training-time statistics of MindFormers 1.8 mcore layers (router load counters, expert load history, max
-# attention logits): not weights, absent from Hugging Face models. (`router.expert_bias`, a routing parameter,
-# is not skipped: Qwen3-MoE has none, so a checkpoint carrying one is refused by name.)
-MF_IGNORED_SUFFIXES = (".router.fi_accu", ".router.expert_load", ".expert_load_history", ".expert_load_history_cnt",
-                       ".experts.num_tokens_per_expert", ".max_logits_val")
-
-
-def is_ignored_mf(name: str) -> bool:
-    """True for optimizer states and training counters stored in MindFormers checkpoints."""
-    return name in MF_IGNORED_NAMES or name.startswith(MF_IGNORED_PREFIXES) or name.endswith(MF_IGNORED_SUFFIXES)
-
 
 def _plan(infos: "OrderedDict[str, TensorInfo]", spec: ModelSpec, to_mf: bool, input_path: str) -> Plan:
     """Check every tensor of the input against the config's layout; the groups to convert."""
@@ -112,16 +96,6 @@ def _hf_input(input_path: str) -> Tuple[List[str], str]:
     return files, d
 
 
-def _infos(files: Sequence[str]) -> "OrderedDict[str, TensorInfo]":
-    out = OrderedDict()
-    for p in files:
-        for k, info in file_infos(p).items():
-            if k in out:
-                raise CheckpointError(f"{p}: tensor '{k}' is also in {out[k].file}")
-            out[k] = info
-    return out
-
-
 def convert_hf_to_mf(input_path: str, output_path: str, model: Optional[str] = None, dtype=None,
                      config: Optional[str] = None, qkv_concat: Optional[bool] = None,
                      arch: Optional[dict] = None) -> ConvertResult:
@@ -143,7 +117,7 @@ def convert_hf_to_mf(input_path: str, output_path: str, model: Optional[str] = N
             raise ConfigError(f"{cpath}: no Hugging Face config.json beside the weights; pass --config")
         spec = load_model_config(cpath, model)
     apply_flags(spec, qkv_concat, arch)
-    p = _plan(_infos(files), spec, to_mf=True, input_path=input_path)
+    p = _plan(infos_of_files(files), spec, to_mf=True, input_path=input_path)
 
     hf_cfg = dict(spec.hf_config)
     tdt = _torch_dtype(p, np_dtype)
@@ -181,7 +155,7 @@ def convert_mf_to_hf(input_path: str, output_path: str, model: Optional[str] = N
         spec = load_model_config(config, model) if config is not None else find_config_for_mf(files, input_path,
                                                                                                model)
     apply_flags(spec, None, arch)
-    p = _plan(_infos(files), spec, to_mf=False, input_path=input_path)
+    p = _plan(infos_of_files(files), spec, to_mf=False, input_path=input_path)
 
     hf_cfg = dict(spec.hf_config)
     tdt = _torch_dtype(p, np_dtype)

@@ -22,8 +22,8 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from ..checkpoint.dtypes import cast, to_np_dtype
-from ..checkpoint.io import (ShardedSafetensorsWriter, atomic_write_json, checkpoint_files, file_infos, iter_file,
-                             parse_size, save_safetensors)
+from ..checkpoint import (ShardedSafetensorsWriter, atomic_write_json, checkpoint_files, file_infos,
+                          infos_of_files, iter_file, parse_size, save_safetensors)
 from ..checkpoint.loading import OPT_PREFIXES, is_hf_dir, resolve
 from ..errors import CheckpointError, ConfigError
 from ..pet.lora import parse_pet_config
@@ -95,8 +95,7 @@ def hf_adapters(adapters: dict, layout: Layout, source: str) -> "OrderedDict[str
 def _base_hf_tensors(base_path: str, layout: Layout, spec):
     """(HF name, array) of the base weights, streaming: an HF directory as is (names and shapes checked),
     MindFormers weights converted group by group."""
-    from .hf import _infos, is_ignored_mf
-    from .names import is_ignored_hf
+    from .names import is_ignored_hf, is_ignored_mf
     files = checkpoint_files(base_path)
     if is_hf_dir(base_path):
         seen = set()
@@ -116,7 +115,8 @@ def _base_hf_tensors(base_path: str, layout: Layout, spec):
             raise CheckpointError(f"{base_path}: missing tensor(s) {', '.join(repr(n) for n in missing[:3])} that "
                                   f"{spec.source} requires ({layout.facts})")
         return
-    infos = OrderedDict((k, v) for k, v in _infos(files).items() if not k.endswith(LORA_SUFFIXES + EXPERT_LORA_SUFFIXES))
+    infos = OrderedDict((k, v) for k, v in infos_of_files(files).items()
+                        if not k.endswith(LORA_SUFFIXES + EXPERT_LORA_SUFFIXES))
     yield from stream(plan(infos, layout, False, base_path, spec.source, is_ignored_mf), None)
 
 

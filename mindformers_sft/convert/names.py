@@ -72,3 +72,20 @@ def mf_to_hf(name: str, source: str = "") -> str:
 
 def is_ignored_hf(name: str) -> bool:
     return name.endswith(HF_IGNORED_SUFFIXES)
+
+
+# Entries of MindFormers training checkpoints that are not model weights (optimizer state, counters).
+MF_IGNORED_PREFIXES = ("adam_m.", "adam_v.", "accu_grads.", "moment1.", "moment2.", "moments.", "optimizer.")
+MF_IGNORED_NAMES = frozenset({"global_step", "epoch_num", "step_num", "loss_scale", "scale_sense",
+                              "current_iterator_step", "last_overflow_iterator_step", "learning_rate",
+                              "beta1_power", "beta2_power"})
+# Training-time statistics of MindFormers 1.8 mcore layers (router load counters, expert load history, max
+# attention logits): not weights, absent from Hugging Face models. (`router.expert_bias`, a routing parameter,
+# is not skipped: Qwen3-MoE has none, so a checkpoint carrying one is refused by name.)
+MF_IGNORED_SUFFIXES = (".router.fi_accu", ".router.expert_load", ".expert_load_history", ".expert_load_history_cnt",
+                       ".experts.num_tokens_per_expert", ".max_logits_val")
+
+
+def is_ignored_mf(name: str) -> bool:
+    """True for optimizer states and training counters stored in MindFormers checkpoints."""
+    return name in MF_IGNORED_NAMES or name.startswith(MF_IGNORED_PREFIXES) or name.endswith(MF_IGNORED_SUFFIXES)

@@ -28,7 +28,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 import numpy as np
 
 from ..checkpoint.dtypes import cast, is_float
-from ..checkpoint.io import TensorInfo, iter_file
+from ..checkpoint import TensorInfo, iter_file
 from ..errors import CheckpointError
 
 Arrays = Sequence[np.ndarray]

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from ..checkpoint.io import file_format, safetensors_metadata
+from ..checkpoint import file_format, safetensors_metadata
 from ..errors import ConfigError
 from ..models.config import LlamaConfig
 

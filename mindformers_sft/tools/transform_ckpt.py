@@ -22,7 +22,7 @@ from ..errors import SFTError
 
 def predicted_strategy(config: str, options, src: str, dst_dir: str, warn=print) -> str:
     """Write the predicted strategy files of `config`'s parallel_config for the parameters of complete `src`."""
-    from ..checkpoint.io import file_infos
+    from ..checkpoint import file_infos
     from ..checkpoint.loading import resolve
     from ..config import load_config
     from ..parallel.layout import write_strategy

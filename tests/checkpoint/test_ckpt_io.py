@@ -14,7 +14,7 @@ from mindformers_sft.checkpoint import (BF16, HF_INDEX_NAME, HF_WEIGHTS_NAME, MA
                                         SafetensorsWriter, ckpt_infos, iter_ckpt, iter_safetensors, iter_tensors,
                                         load_tensors, parse_size, save_ckpt, save_safetensors,
                                         save_safetensors_sharded, tensor_infos, verify)
-from mindformers_sft.checkpoint import io as ckio
+from mindformers_sft.checkpoint import ckpt_io as ckio
 from mindformers_sft.errors import CheckpointError, ConfigError
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mindformers_sft.checkpoint import transform
-from mindformers_sft.checkpoint.io import load_tensors, save_ckpt
+from mindformers_sft.checkpoint import load_tensors, save_ckpt
 from mindformers_sft.models.config import LlamaConfig
 from mindformers_sft.parallel import layout
 from mindformers_sft.parallel.plan import check_layout

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from mindformers_sft.checkpoint import transform
-from mindformers_sft.checkpoint.io import load_tensors, save_ckpt
+from mindformers_sft.checkpoint import load_tensors, save_ckpt
 from mindformers_sft.checkpoint.loading import read_hf_dir
 from mindformers_sft.errors import CheckpointError, ConfigError
 from mindformers_sft.models.config import LlamaConfig
