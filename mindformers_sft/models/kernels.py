@@ -9,9 +9,9 @@ On CPU (fp32 compute) fused kernels of our own are used when a C++ compiler is a
 `cpu_attention` (rotary embedding + causal/segment-masked softmax attention with grouped KV heads, forward and
 backward, flash-attention style: the (S, T) scores are never stored), `cpu_rms_norm`, `cpu_swiglu`,
 `cross_entropy`, and `notify` (a graph's completion signal, see CompletionSignal). They are MindSpore `Custom`
-"aot" ops with their own backward, compiled once from the C++ source `cpu_kernels.cc` (next to this file, shipped
-as package data) into a per-user cache (`MFSFT_KERNEL_CACHE`, default ~/.cache/mindformers_sft/kernels, keyed by
-source, flags and CPU).
+"aot" ops with their own backward, compiled once from the C++ sources `cpu_*kernels.cc` (next to this file, shipped
+as package data; one file per kernel family, see CPU_SOURCE_FILES) into a per-user cache (`MFSFT_KERNEL_CACHE`,
+default ~/.cache/mindformers_sft/kernels, keyed by the sources, flags and CPU).
 `MFSFT_CPU_KERNELS=0` disables them; without a compiler everything falls back to basic ops (a one-line notice
 on stderr). `MFSFT_KERNEL_THREADS` sets their thread count (default: the CPUs this process may run on).
 Numerics: fp32 throughout, exact softmax; they differ from the basic ops by float rounding only (~1e-6).
@@ -152,7 +152,7 @@ def swiglu(gate, up, fused=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Fused CPU kernels (MindSpore Custom "aot" ops built from cpu_kernels.cc, next to this file)
+# Fused CPU kernels (MindSpore Custom "aot" ops built from the cpu_*kernels.cc files next to this one)
 # ---------------------------------------------------------------------------------------------------------------
 _CPU_STATE = {"ops": None, "error": None, "so": None, "signal": None}
 _ATTN_BSND = None
@@ -181,22 +181,24 @@ def _cpu_id() -> str:
         return platform.machine() + platform.processor()
 
 
-CPU_SOURCE_FILE = "cpu_kernels.cc"  # package data of mindformers_sft.models (pyproject.toml: package-data)
-# MoE: the mixture-of-experts kernels (models/moe.py), compiled in the same translation unit after CPU_SOURCE_FILE
-# (they use its helpers); one library, one cache entry
-CPU_MOE_SOURCE_FILE = "cpu_moe_kernels.cc"
+# The C++ sources of the fused CPU kernels, one file per kernel family (package data of mindformers_sft.models,
+# pyproject.toml: package-data), compiled in this order as ONE translation unit: cpu_kernels.cc (includes and
+# shared helpers) first, each family after the files it uses; one library, one cache entry keyed by all of them.
+CPU_SOURCE_FILES = ("cpu_kernels.cc", "cpu_attention_kernels.cc", "cpu_attention_simd_kernels.cc",
+                    "cpu_cross_entropy_kernels.cc", "cpu_norm_kernels.cc", "cpu_adamw_kernels.cc",
+                    "cpu_moe_kernels.cc")
 
 
 @functools.lru_cache(maxsize=None)
 def _cpu_source() -> str:
-    """The C++ source of the fused CPU kernels: cpu_kernels.cc then cpu_moe_kernels.cc (next to this module)."""
+    """The C++ source of the fused CPU kernels: the CPU_SOURCE_FILES (next to this module) joined in order."""
     files = importlib.resources.files(__package__ or "mindformers_sft.models")
     return "".join(f'#line 1 "{name}"\n' + files.joinpath(name).read_text(encoding="utf-8")
-                   for name in (CPU_SOURCE_FILE, CPU_MOE_SOURCE_FILE))
+                   for name in CPU_SOURCE_FILES)
 
 
 def _build_library() -> str:
-    """Compile cpu_kernels.cc once per (source, flags, compiler, CPU) into the cache; returns the .so path."""
+    """Compile the CPU_SOURCE_FILES once per (sources, flags, compiler, CPU) into the cache; returns the .so path."""
     source = _cpu_source()
     cxx = os.environ.get("CXX", "g++")
     common = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros",
@@ -376,7 +378,7 @@ def grad_sq_sum(inv, grads):
 
 def adamw_flat_op(n_params: int):
     """The fused AdamW update of trainer/optimizer.py (flat mode) for `n_params` fp32 parameters (needs
-    `cpu_kernels()`): op(*grads, *params, m, v, scal, hyper, decays) -> (m, v, *params); see cpu_kernels.cc."""
+    `cpu_kernels()`): op(*grads, *params, m, v, scal, hyper, decays) -> (m, v, *params); see cpu_adamw_kernels.cc."""
     k = n_params
     return ops.Custom(f"{_CPU_STATE['so']}:MfsftAdamWFlat",
                       out_shape=lambda *s: (s[2 * k], s[2 * k + 1]) + tuple(s[k:2 * k]),
