@@ -3,7 +3,7 @@ files and training datasets. Names are imported lazily so that worker processes 
 import importlib
 
 _EXPORTS = {
-    "MindRecordDataset": "dataset", "OnlineSFTDataset": "dataset", "ArrayDataset": "dataset",
+    "MindRecordDataset": "dataset", "OnlineSFTDataset": "dataset", "ArrayDataset": "rows",
     "build_dataset": "dataset",
     "SFTOptions": "pipeline", "iter_rows": "pipeline", "iter_samples": "pipeline", "iter_conversations": "pipeline",
     "SFTEncoder": "tokenize", "Sample": "tokenize", "IGNORE_INDEX": "tokenize",

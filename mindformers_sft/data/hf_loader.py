@@ -8,7 +8,7 @@ or a ``save_to_disk`` folder work the same way. When everything named is local, 
 (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``): no network attempt. ``streaming: True`` reads lazily (files
 larger than memory); only the tokenized rows are kept. A datasets error is re-raised naming the file.
 
-Rows are held as this suite's training rows (data/dataset.py ArrayDataset: ``input_ids``/``labels`` of
+Rows are held as this suite's training rows (data/rows.py ArrayDataset: ``input_ids``/``labels`` of
 ``seq_length + 1``, unshifted, and ``actual_seq_len`` when packed). ``HFRowsDataset.mf_row`` gives the columns
 MindFormers' HFDataLoader yields (``input_columns``): ``input_ids`` and ``labels`` of ``seq_length`` (labels
 shifted: the token each position predicts, -100 where not supervised), ``loss_mask``, ``position_ids``
@@ -28,8 +28,8 @@ from typing import Optional
 import numpy as np
 
 from ..errors import ConfigError, DataError
-from .dataset import ArrayDataset
 from .packing import pad_row, positions_and_segments
+from .rows import ArrayDataset
 from .tokenize import IGNORE_INDEX, Sample
 
 MF_COLUMNS = ("input_ids", "labels", "loss_mask", "position_ids", "actual_seq_len", "attention_mask")

@@ -107,11 +107,3 @@ def parallel_context(cfg, world: int, rank: int, device: str) -> ParallelContext
             "save_file": os.path.join(os.path.abspath(cfg.output_dir), "strategy", f"ckpt_strategy_rank_{rank}.ckpt"),
             "only_trainable_params": False}
     return ParallelContext(mode, kwargs, notes)
-
-
-def comm_fusion_groups(num_layers: int, groups: int, offset: int = 0) -> list:
-    """Gradient all-reduce fusion group of each decoder layer for parallel_config.gradient_aggregation_group
-    (MindFormers' LayerSetting: layers are cut into about `groups` consecutive runs, ids from 1)."""
-    groups = max(int(groups or 1), 1)
-    width = max((num_layers + offset) // groups, 1)
-    return [(i + offset) // width + 1 for i in range(num_layers)]

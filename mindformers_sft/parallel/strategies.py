@@ -82,6 +82,14 @@ def dims(pc):
     return int(_get(pc, "data_parallel", 1)), int(_get(pc, "model_parallel", 1)), int(_get(pc, "pipeline_stage", 1))
 
 
+def comm_fusion_groups(num_layers: int, groups: int, offset: int = 0) -> list:
+    """Gradient all-reduce fusion group of each decoder layer for parallel_config.gradient_aggregation_group
+    (MindFormers' LayerSetting: layers are cut into about `groups` consecutive runs, ids from 1)."""
+    groups = max(int(groups or 1), 1)
+    width = max((num_layers + offset) // groups, 1)
+    return [(i + offset) // width + 1 for i in range(num_layers)]
+
+
 def vocab_parallel(mc, pc) -> bool:
     """True when the embedding table and the lm_head are split over the vocabulary by model_parallel."""
     _, mp, _ = dims(pc)
@@ -249,7 +257,6 @@ def apply_strategies(model, pc, force: bool = False) -> dict:
         return cell
 
     stages = stage_of_layer(mc, pc)
-    from .context import comm_fusion_groups
     fusion = comm_fusion_groups(mc.num_layers, _get(pc, "gradient_aggregation_group", 4))
     layers, prefix = (model.decoder.layers, "decoder.layers") if qwen3 else (model.model.layers, "model.layers")
     linears, rows = (QWEN3_COLUMN + QWEN3_ROW, QWEN3_ROW) if qwen3 else (LINEARS, ("attention.wo", "feed_forward.w2"))

@@ -23,6 +23,9 @@ Resolution order of each special token (bos, eos, unk, pad):
 If no pad token results, ``pad_token_id`` falls back to the **unk** id (MindFormers' Llama convention,
 ``pad_token_id: 0``), or to the **eos** id when there is no unk token either; :attr:`Tokenizer.pad_token_fallback`
 records which ("unk"/"eos"/None).
+
+Over 400 lines on purpose: the interface and the side-file resolution above are one contract (every backend's
+special tokens come from it), read best in one place.
 """
 
 from __future__ import annotations

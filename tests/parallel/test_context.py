@@ -9,7 +9,8 @@ import pytest
 
 from mindformers_sft.config import load_config
 from mindformers_sft.errors import ConfigError
-from mindformers_sft.parallel.context import comm_fusion_groups, dp_rank, parallel_context
+from mindformers_sft.parallel.context import dp_rank, parallel_context
+from mindformers_sft.parallel.strategies import comm_fusion_groups
 from tests.paths import ROOT
 
 LLAMA_FULL = os.path.join(ROOT, "configs", "llama2", "finetune_llama2_7b.yaml")   # dp 8, optimizer_shard
