@@ -10,6 +10,8 @@
 // otherwise a plain loop.
 #include <dlfcn.h>
 
+#include <memory>
+
 namespace {
 
 using SgemmFn = int (*)(char, char, int64_t, int64_t, int64_t, float, const float *, int64_t, const float *, int64_t,
@@ -157,7 +159,10 @@ int moe_bwd(int nparam, void **params, int *ndims, int64_t **shapes, const char 
   for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
   const std::vector<Chunk> chunks = chunks_of(start);
   // sorted-row buffers for the weight gradients: gathered x, swiglu output, d(output), d(act); dx per assignment
-  std::vector<float> xg(N * H), a(N * F), dout(N * H), dact(N * 2 * F), dxa(N * H);
+  // (every element is written before it is read: no zero fill)
+  std::unique_ptr<float[]> xg_(new float[N * H]), a_(new float[N * F]), dout_(new float[N * H]),
+      dact_(new float[N * 2 * F]), dxa_(new float[N * H]);
+  float *xg = xg_.get(), *a = a_.get(), *dout = dout_.get(), *dact = dact_.get(), *dxa = dxa_.get();
   parallel_for((int64_t)chunks.size(), [&](int64_t c) {
     const Chunk ch = chunks[c];
     std::vector<float> da(ch.n * F);
