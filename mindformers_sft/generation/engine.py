@@ -143,7 +143,7 @@ class Engine:
 
     def _reset(self):
         self.rows: List[Request] = []     # running sequences, in batch order
-        self.cache = None                 # KVCache (B, Nkv, T, D) per layer, rows right-aligned
+        self.cache = None                 # KVCache (B, Nkv, T, D) per layer (T = its length), rows right-aligned
         self.key_mask = np.zeros((0, 0), dtype=bool)   # (B, T): True where a row has a real token
         self.next_pos = np.zeros(0, dtype=np.int32)    # rotary position of each row's next token
         self.last = np.zeros(0, dtype=np.int32)        # each row's last token, fed to the next decode step
@@ -281,7 +281,7 @@ class Engine:
             width = max(t_old, t_new)
             layers = [(_cat_rows(_left_pad(k0, width), _left_pad(k1, width)),
                        _cat_rows(_left_pad(v0, width), _left_pad(v1, width)))
-                      for (k0, v0), (k1, v1) in zip(self.cache.layers, cache.layers)]
+                      for (k0, v0), (k1, v1) in zip(self.cache.used(), cache.used())]
             self.cache = type(cache)(layers, width)
             self.key_mask = np.concatenate([_left_pad_np(self.key_mask, width), _left_pad_np(mask, width)], 0)
         self.rows = self.rows + list(new)
@@ -303,7 +303,7 @@ class Engine:
         mask = self.key_mask[keep]
         start = int(np.argmax(mask.any(0)))       # leading columns that only padding uses are trimmed
         idx = Tensor(np.array(keep, dtype=np.int32))
-        layers = [(_take_rows(k, idx, start), _take_rows(v, idx, start)) for k, v in self.cache.layers]
+        layers = [(_take_rows(k, idx, start), _take_rows(v, idx, start)) for k, v in self.cache.used()]
         self.cache = type(self.cache)(layers, mask.shape[1] - start)
         self.key_mask = mask[:, start:]
         self.rows = [self.rows[i] for i in keep]

@@ -9,7 +9,7 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from ..errors import ConfigError
-from . import kernels
+from . import decode_graph, kernels
 from .config import LlamaConfig
 
 MS_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
@@ -33,10 +33,21 @@ def make_mask(q_index, k_index, q_seg=None, k_seg=None):
 
 
 class KVCache:
-    """Concatenating KV cache (PyNative): per layer (k, v) of shape (B, Nkv, length, D), post-RoPE."""
+    """KV cache: per layer (k, v) of shape (B, Nkv, capacity, D), post-RoPE; columns [0, length) hold the sequence,
+    later ones (a static cache's free space, written in place by the compiled decode step) are unused."""
 
     def __init__(self, layers: List[Tuple[Tensor, Tensor]], length: int):
         self.layers, self.length = layers, length
+
+    @property
+    def capacity(self) -> int:
+        return self.layers[0][0].shape[2] if self.layers else self.length
+
+    def used(self) -> List[Tuple[Tensor, Tensor]]:
+        """The layers cut to their first `length` columns."""
+        if self.capacity == self.length:
+            return self.layers
+        return [(k[:, :, :self.length], v[:, :, :self.length]) for k, v in self.layers]
 
 
 class CausalLM(nn.Cell):
@@ -137,6 +148,8 @@ class CausalLM(nn.Cell):
         position_ids: int (B, s) rotary positions per row (default: cache length + arange(s))."""
         input_ids = Tensor(np.asarray(input_ids, dtype=np.int32)) if not isinstance(input_ids, Tensor) else input_ids
         b, s = input_ids.shape
+        if cache is not None and s == 1 and decode_graph.enabled():
+            return decode_graph.decode(self, input_ids, cache, key_mask, position_ids)
         start = cache.length if cache is not None else 0
         q_index = ops.arange(start, start + s, dtype=ms.int32)
         k_index = ops.arange(0, start + s, dtype=ms.int32)
@@ -150,7 +163,7 @@ class CausalLM(nn.Cell):
         else:
             position_ids = ops.broadcast_to(ops.expand_dims(q_index, 0), (b, s))
         h, presents = self._decoder_with_cache(input_ids, position_ids, mask,
-                                               cache.layers if cache is not None else None)
+                                               cache.used() if cache is not None else None)
         return self._head(h), KVCache(presents, start + s)
 
     def prefill(self, input_ids):
