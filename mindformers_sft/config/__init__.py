@@ -13,6 +13,7 @@ import yaml
 from ..errors import ConfigError
 from .schema import APPLIED_ON_ASCEND, CALLBACKS, DATASET, EXTRA, HANDLERS, LOADERS, NO_EFFECT_OFF_ASCEND, NOT_ACTED_ON, OPEN, SCHEMA
 from .model_names import translate as translate_model_config
+from .value_types import check_model_config, check_model_keys, check_union
 from .yaml_lines import LineDict, load_yaml, parse_value, where
 
 
@@ -79,13 +80,16 @@ def _check(user: dict, schema: dict, path: str):
         if sub is OPEN or sub == OPEN:
             continue
         if name == "model.model_config":
-            continue  # checked by LlamaConfig.from_dict
+            check_model_config(user, v)   # value types; keys are checked by LlamaConfig.from_dict
+            continue
         if name == "callbacks":
             _check_callbacks(user, v)
             continue
         if name.endswith("data_loader.handler") and v is not None:
             _check_handlers(user, v, name)
             continue
+        if sub is None:
+            check_union(user, k, name, v)
         if isinstance(sub, dict) and sub and isinstance(v, dict):
             _check(v, sub, name)
             continue
@@ -130,7 +134,7 @@ def _schema_for(user) -> dict:
     schema = dict(SCHEMA)
     for sec in ("train_dataset", "eval_dataset"):
         dl = user.get(sec, {}).get("data_loader") if isinstance(user.get(sec), dict) else None
-        if isinstance(dl, dict) and dl.get("type") in LOADERS:
+        if isinstance(dl, dict) and isinstance(dl.get("type"), str) and dl["type"] in LOADERS:
             schema[sec] = dict(DATASET, data_loader=LOADERS[dl["type"]])
     return schema
 
@@ -237,6 +241,8 @@ def load_config(path: str = None, options=(), overrides: dict = None) -> Config:
     _check(user, schema, "")
     mc = (user.get("model") or {}).get("model_config")
     merged = _merge(schema, user)
+    if merged.get("use_legacy") is not False:
+        check_model_keys(mc)
     dropped = []
     if merged.get("use_legacy") is False and mc:
         import dataclasses
