@@ -106,3 +106,52 @@ def write_json_array(path, records):
     with open(path, "wb") as f:
         f.write(b"[\n" + b",\n".join(b"  " + r[0] for r in records) + b"\n]\n")
     return [i + 2 for i in range(len(records))]
+
+
+_CSV_COLUMNS = ("instruction", "input", "output")
+
+
+def _csv_row(values):
+    import csv
+    import io
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow(values)
+    return buf.getvalue().encode("utf-8")
+
+
+def fuzz_csv(seed=1234, n=N, p_mutate=0.6):
+    """[(row bytes incl. its newline, kind or None, must_reject)] of n Alpaca CSV rows (columns instruction,input,
+    output); the mutations CSV can hold: a missing or extra column, non-UTF-8 bytes, a huge or an empty field."""
+    rng = random.Random(f"{seed}-csv")
+    base = base_records("alpaca")
+    out = []
+    for i in range(n):
+        vals = [base[i % len(base)][c] for c in _CSV_COLUMNS]
+        kind, must = None, False
+        if rng.random() < p_mutate:
+            kind = rng.choice(("missing_field", "unknown_key", "non_utf8", "huge", "empty"))
+            if kind == "missing_field":
+                vals, must = vals[:rng.choice((1, 2))], True
+            elif kind == "unknown_key":
+                vals, must = vals + ["extra"], True
+            elif kind == "huge":
+                vals[rng.choice((0, 2))], must = "lorem ipsum " * (HUGE_CHARS // 12), None
+            elif kind == "empty":
+                vals, must = ["", "", ""], True
+        row = _csv_row(vals)
+        if kind == "non_utf8":
+            row, must = row[:1] + rng.choice(_BAD_BYTES) + row[1:], True
+        out.append((row, kind, must))
+    return out
+
+
+def write_csv(path, records):
+    """A header line, then the rows (a row may span lines: quoted newlines); returns each row's first line."""
+    lines, line = [], 2
+    with open(path, "wb") as f:
+        f.write(_csv_row(_CSV_COLUMNS))
+        for row, _, _ in records:
+            f.write(row)
+            lines.append(line)
+            line += row.count(b"\n")
+    return lines

@@ -9,18 +9,18 @@ import pytest
 
 from mindformers_sft.data.dataset import OnlineSFTDataset
 from tests.paths import LLAMA2_TOKENIZER, ROOT
-from tests.reliability.fuzz_records import N, fuzz, write_json_array, write_jsonl
+from tests.reliability.fuzz_records import N, fuzz, fuzz_csv, write_csv, write_json_array, write_jsonl
 
 SEQ = 64
 # (format of the records, file writer, extension)
 CASES = [("alpaca", write_json_array, "json"), ("alpaca", write_jsonl, "jsonl"),
          ("sharegpt", write_json_array, "json"), ("sharegpt", write_jsonl, "jsonl"),
-         ("messages", write_jsonl, "jsonl")]
+         ("messages", write_jsonl, "jsonl"), ("alpaca", write_csv, "csv")]
 FIGURES = {}
 
 
 def _write(tmp_path, fmt, writer, ext):
-    records = fuzz(fmt)
+    records = fuzz_csv() if ext == "csv" else fuzz(fmt)
     path = tmp_path / f"{fmt}_{ext}.{ext}"
     lines = writer(path, records)
     return str(path), records, lines
