@@ -28,7 +28,7 @@ def resolve_pretrained(cfg, log=print):
                 raise ConfigError(f"pretrained_model_dir: {d} has no *.safetensors weights and load_checkpoint is "
                                   f"empty: nothing to {cfg.run_mode} from (run_mode train starts from random weights)")
         _keep_tied(cfg, d, log)
-        from .run import _checkpoint_architecture
+        from .build import _checkpoint_architecture
         if _checkpoint_architecture(cfg.load_checkpoint) is None:
             from .models.config import LlamaConfig
             cfg.model.model_config = {**LlamaConfig.from_hf_config(d).to_dict(), **(cfg.model.model_config or {})}

@@ -19,7 +19,7 @@ LAYERS = [
     ["config"], ["tokenizer"], ["data"], ["models"], ["pet"], ["parallel"],
     ["convert.names", "convert.names_qwen3", "convert.spec", "convert.layouts", "convert.layout_qwen3", "convert.plan"],
     ["checkpoint.training_state", "checkpoint.loading", "checkpoint.transform", "checkpoint.merge"],
-    ["convert"], ["trainer"], ["generation"], ["serving", "evaluation"], ["pretrained", "run"],
+    ["convert"], ["trainer"], ["build"], ["pretrained"], ["generation"], ["serving", "evaluation"], ["run"],
     ["cli", "tools", "<root>"],
 ]
 

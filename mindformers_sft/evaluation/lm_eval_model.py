@@ -69,21 +69,21 @@ def _batch_size(value) -> int:
 def build_from_config(config=None, load_checkpoint=None, vocab_file=None, register_path=None, options=None,
                       seed=None, device=None):
     """(model, tokenizer) as run_mindformer.py --run_mode eval builds them (context set up, weights loaded)."""
-    from .. import run
+    from .. import build
     from ..config import load_config
     if register_path:
-        run.register(register_path)
+        build.register(register_path)
     target = {"cpu": "CPU", "npu": "Ascend", "ascend": "Ascend"}.get(str(device).split(":")[0].lower()) \
         if device else None
     overrides = {"run_mode": "eval", "use_parallel": False, "load_checkpoint": load_checkpoint,
                  "processor.tokenizer.vocab_file": vocab_file, "seed": seed, "context.device_target": target}
     opts = options.split() if isinstance(options, str) else list(options or [])
     cfg = load_config(config, opts, overrides)
-    run.setup_context(cfg)
+    build.setup_context(cfg)
     from ..pretrained import resolve_pretrained
     resolve_pretrained(cfg, log.info)          # MindFormers 1.6+ pretrained_model_dir
-    model = run.build_model(cfg, 0, log=log.info)
-    return model, run.check_tokenizer(cfg, model.config)
+    model = build.build_model(cfg, 0, log=log.info)
+    return model, build.check_tokenizer(cfg, model.config)
 
 
 @register_model("mindformers_sft", "mindformers-sft")

@@ -40,7 +40,7 @@ def recorded_template(load_checkpoint) -> str:
 def serving_template(cfg, flag, tok):
     """The template prompts are rendered with (see the module docstring)."""
     from ..data.templates import get_template
-    from ..run import _predict_template
+    from ..build import _predict_template
     if flag is not None:
         return _predict_template(cfg, flag, tok)
     name = recorded_template(cfg.load_checkpoint)
@@ -68,7 +68,7 @@ def main(cfg, predict: dict, host: str = None, port: int = None, api_key: str = 
          log=print) -> int:
     import uvicorn
     from ..generation.engine import Engine
-    from ..run import _generation
+    from ..build import _generation
     from .app import create_app
     model, tok, _, _ = _generation(cfg, {k: v for k, v in predict.items() if k != "chat_template"}, log)
     template = serving_template(cfg, predict.get("chat_template"), tok)

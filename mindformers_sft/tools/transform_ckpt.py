@@ -26,7 +26,7 @@ def predicted_strategy(config: str, options, src: str, dst_dir: str, warn=print)
     from ..checkpoint.loading import resolve
     from ..config import load_config
     from ..parallel.layout import write_strategy
-    from ..run import model_config
+    from ..build import model_config
     cfg = load_config(config, options, overrides={"load_checkpoint": src})
     mc = model_config(cfg, log=lambda *a: None)
     kind, path, _ = resolve(src, warn=warn)
