@@ -1,7 +1,6 @@
 """kill -9 at 5 seeded points of one training run (3 of them inside a checkpoint save), resumed after each:
 the run ends bit-identical (weights and optimizer state, np.array_equal) to an uninterrupted run, full and LoRA."""
 import glob
-import json
 import os
 import random
 import signal
@@ -12,8 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from mindformers_sft.checkpoint import load_tensors
 from tests.paths import ROOT
+from tests.trainer.test_resume import STEPS as RESUME_STEPS, _final, _meta   # the same 14-step job
 from tests.reliability.fault_job import KINDS, SAVE_EVERY, SAVE_KINDS, STEPS
 
 SEED = 1234
@@ -57,21 +56,8 @@ def _run(out, lora, resume, kill=None):
     return p.returncode, text
 
 
-def _meta(out):
-    path = os.path.join(out, "checkpoint", "rank_0", "meta.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def _final(out):
-    meta = _meta(out)
-    assert meta["last_step"] == STEPS
-    return load_tensors(os.path.join(out, "checkpoint", "rank_0", meta["last_ckpt_file"]))
-
-
 def test_kill_plan_is_seeded_and_covers_every_point():
+    assert RESUME_STEPS == STEPS
     plan = kill_plan()
     assert plan == kill_plan() and len(plan) == 5
     assert sorted(k for k, _ in plan) == sorted(KINDS)
