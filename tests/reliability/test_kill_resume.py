@@ -76,7 +76,11 @@ def test_five_kills_resume_bit_identical(tmp_path, lora):
         assert rc == -signal.SIGKILL, f"{kind}:{step} was not reached (rc {rc})\n{text[-3000:]}"
         assert f"[fault] SIGKILL {kind} at step {step}" in text
         meta = _meta(out)
-        assert (meta and meta["last_step"]) == restored_step(kind, step), (kind, step, meta and meta["last_step"])
+        got, want = meta and meta["last_step"], restored_step(kind, step)
+        if kind == "batch":     # batches may be read ahead of training (a prefetch thread): an earlier save, or none
+            assert got is None or got <= (want or 0), (kind, step, got)
+        else:
+            assert got == want, (kind, step, got)
     rc, text = _run(out, lora, resume=True)
     assert rc == 0, text[-3000:]
     text = reference.communicate(timeout=300)[0]
