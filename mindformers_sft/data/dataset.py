@@ -6,7 +6,8 @@ with input_ids[:-1]): segment 1, 2, ... per sample and 0 for padding; position i
 Shuffling and data-parallel sharding are done over indices by data/sampler.py's BatchPlan, so datasets only
 need random access.
 
-* :class:`MindRecordDataset` -- MindFormers-schema MindRecord files (all rows loaded into memory at open).
+* :class:`MindRecordDataset` -- MindFormers-schema MindRecord files (streamed once into an on-disk row cache,
+  rows read on demand: RAM does not grow with the file).
 * :class:`OnlineSFTDataset` -- raw JSON/JSONL/Parquet/CSV data tokenized, masked and packed at load time by the
   same code as tools/preprocess.py (like MindFormers' AlpacaInstructDataHandler).
 * :func:`build_dataset` -- either, from the YAML ``train_dataset`` section.
@@ -14,12 +15,16 @@ need random access.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
+import weakref
 from typing import Optional
 
-import numpy as np
 
 from ..errors import ConfigError, DataError
 from .pipeline import SFTOptions, iter_rows
+from .rowcache import RowCacheWriter, open_cache
 from .rows import ArrayDataset
 from .stats import RejectLog, Stats
 from .truncation import DEFAULT_TRUNCATION
@@ -32,17 +37,26 @@ class MindRecordDataset(ArrayDataset):
 
     seq_length, when given, is checked against the rows (S+1 long)."""
 
-    def __init__(self, path, seq_length: Optional[int] = None):
-        from .mindrecord import read_mindrecord
-        data, files = read_mindrecord(path)
+    def __init__(self, path, seq_length: Optional[int] = None, cache_dir: Optional[str] = None):
+        from .mindrecord import cache_mindrecord
+        ids, labels, asl, files = cache_mindrecord(path, cache_dir)
         self.files = files
-        super().__init__(data["input_ids"], data["labels"], data.get("actual_seq_len"), source=files[0])
+        # rows stay on disk (rowcache.RowFile, read by offset); ArrayDataset's item code reads them unchanged
+        self.input_ids, self.labels, self.actual_seq_len, self.source = ids, labels, asl, files[0]
         if len(self) == 0:
             raise DataError(f"{files[0]}: the MindRecord dataset has no rows")
         if seq_length is not None and self.seq_length != int(seq_length):
             raise ConfigError(f"{files[0]}: rows hold {self.seq_length + 1} tokens, but seq_length is {seq_length} "
                               f"(rows must be seq_length + 1 = {int(seq_length) + 1} long); preprocess with "
                               f"--seq_length {seq_length} or set seq_length {self.seq_length}")
+
+
+def _spill_dir() -> str:
+    """A fresh directory for one dataset's rows, under $MFSFT_DATA_CACHE or the temporary directory."""
+    root = os.environ.get("MFSFT_DATA_CACHE") or None
+    if root:
+        os.makedirs(root, exist_ok=True)
+    return os.path.join(tempfile.mkdtemp(prefix="mfsft_online_", dir=root), "rows")
 
 
 def _is_main_process() -> bool:
@@ -76,20 +90,27 @@ class OnlineSFTDataset(ArrayDataset):
                                   pack_max_samples=pack_max_samples, num_workers=num_workers,
                                   chunk_records=chunk_records, enable_thinking=enable_thinking)
         self.stats = Stats()
-        ids, labels, asl = [], [], []
-        with RejectLog(rejects_file or None, self.stats) as log:
-            for rows in iter_rows(files, tokenizer, self.options, self.stats, log):
-                for r in rows:
-                    ids.append(r["input_ids"])
-                    labels.append(r["labels"])
-                    if "actual_seq_len" in r:
-                        asl.append(r["actual_seq_len"])
-        self.rejects = log.items
         src = str(files)
-        if not ids:
+        # tokenized rows are spilled to an on-disk row cache (a private temporary directory, removed with the
+        # dataset) and read back by offset, so RAM does not grow with the data
+        writer = RowCacheWriter(_spill_dir(), source=src)
+        try:
+            with RejectLog(rejects_file or None, self.stats) as log:
+                for rows in iter_rows(files, tokenizer, self.options, self.stats, log):
+                    for r in rows:
+                        writer.add(r)
+        except BaseException:
+            writer.abort()
+            raise
+        self.rejects = log.items
+        if not writer.rows:
+            writer.abort()
             first = f"; first reject: {self.rejects[0]}" if self.rejects else ""
             raise DataError(f"{src}: no usable sample ({self.stats.line()}){first}")
-        super().__init__(np.stack(ids), np.stack(labels), np.stack(asl) if asl else None, source=src)
+        directory = writer.close()
+        weakref.finalize(self, shutil.rmtree, os.path.dirname(directory), True)
+        self.input_ids, self.labels, self.actual_seq_len, _ = open_cache(directory)
+        self.source = src
         if verbose and _is_main_process():
             print(f"[data] {src}: {self.stats.line()} (truncation: {self.options.truncation})", flush=True)
             if self.stats.rejected and not rejects_file:

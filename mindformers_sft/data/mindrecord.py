@@ -4,14 +4,18 @@ Schema (as MindFormers' llama_preprocess.py ``--dataset_type qa``): ``input_ids`
 [-1], each row ``seq_length + 1`` long. Packed files add ``actual_seq_len`` (int32, fixed length per file; see
 packing.py). ``file_partition`` P > 1 writes ``out.mindrecord0`` .. ``out.mindrecord{P-1}`` (FileWriter's shards).
 
-Reading: MindRecord has no random access by row in mindspore's Python API, so :func:`read_mindrecord` loads all
-rows of the files into numpy arrays when a dataset is opened (FileReader, one pass) -- fine for files that fit
-in memory (a row of S = 4096 costs 32 KB).
+Reading: MindRecord has no random access by row in mindspore's Python API (FileReader streams; MindPage looks
+rows up by an indexed field, which MindFormers' schema lacks). So :func:`cache_mindrecord` streams the files once
+(FileReader, one pass) into a fixed-width row cache (rowcache.py) keyed by the files' paths, sizes and times, and
+training reads each needed row from it by offset: RAM per process does not depend on the dataset's size.
+:func:`read_mindrecord` still loads everything into arrays (small files, tools).
 """
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
+import tempfile
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -152,3 +156,91 @@ def read_mindrecord(spec, columns: Optional[tuple] = None):
         out[c] = np.stack([np.concatenate([r, np.full(width - len(r), r[-1] if len(r) else 0, np.int32)])
                            for r in rows])
     return out, files
+
+
+def _check_files(files: List[str]):
+    """Every data file and its .db index present, non-empty; names the first file that is not."""
+    for f in files:
+        if not os.path.isfile(f):
+            raise DataError(f"{f}: MindRecord file is missing (a shard of {files[0]}?)")
+        if not os.path.isfile(f + ".db"):
+            raise DataError(f"{f}: cannot open as MindRecord (its index {f}.db is missing)")
+        if os.path.getsize(f) == 0:
+            raise DataError(f"{f}: MindRecord file is empty (truncated?)")
+
+
+def _shards(files: List[str]) -> List[str]:
+    """The data files FileReader will open: for a file written with shards, all its shards (named in .db)."""
+    out = []
+    for f in files:
+        m = f[:-1] if f and f[-1].isdigit() else None
+        sibs = sorted(g for g in glob.glob(glob.escape(m) + "[0-9]*") if not g.endswith(".db")) if m else []
+        out.extend(sibs if len(sibs) > 1 and f in sibs else [f])
+    return sorted(set(out), key=out.index)
+
+
+def cache_key(files: List[str]) -> str:
+    h = hashlib.sha1()
+    for f in files:
+        for g in (f, f + ".db"):
+            st = os.stat(g)
+            h.update(f"{os.path.abspath(g)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def cache_root(first_file: str) -> str:
+    """$MFSFT_DATA_CACHE, else a hidden .mfsft_rows directory beside the data, else the temp directory."""
+    env = os.environ.get("MFSFT_DATA_CACHE")
+    if env:
+        return env
+    d = os.path.join(os.path.dirname(os.path.abspath(first_file)), ".mfsft_rows")
+    try:
+        os.makedirs(d, exist_ok=True)
+        if os.access(d, os.W_OK):
+            return d
+    except OSError:
+        pass
+    return os.path.join(tempfile.gettempdir(), "mfsft_rows")
+
+
+def cache_mindrecord(spec, cache_dir: Optional[str] = None):
+    """(input_ids, labels, actual_seq_len or None, files) as on-disk row arrays (rowcache.RowFile): the files are
+    streamed once into the cache (RAM bounded by one row), later opens reuse it."""
+    from mindspore.mindrecord import FileReader
+    from .rowcache import RowCacheWriter, open_cache
+    arg, files = resolve_mindrecord(spec)
+    all_files = _shards(files)
+    _check_files(all_files)
+    directory = os.path.join(cache_dir or cache_root(files[0]), cache_key(all_files))
+    got = open_cache(directory)
+    if got is None:
+        try:
+            reader = FileReader(arg, num_consumer=1)
+        except Exception as e:                              # mindspore raises RuntimeError / MRMOpenError
+            raise DataError(f"{files[0]}: cannot open as MindRecord ({str(e).strip().splitlines()[0]}); a shard "
+                            f"missing or truncated? (files: {', '.join(all_files)})") from None
+        os.makedirs(os.path.dirname(directory), exist_ok=True)
+        writer = RowCacheWriter(directory, source=files[0])
+        try:
+            schema = reader.schema()
+            missing = [c for c in COLUMNS if c not in schema]
+            if missing:
+                raise DataError(f"{files[0]}: MindRecord has no column {missing[0]!r} (columns: "
+                                f"{', '.join(schema)}); expected MindFormers' input_ids/labels schema")
+            n = reader.len()
+            for row in reader.get_next():
+                writer.add({c: row[c] for c in PACKED_COLUMNS if c in row})
+            if writer.rows != n:
+                raise DataError(f"{files[0]}: read {writer.rows} rows of the {n} its index lists (truncated?)")
+        except DataError:
+            writer.abort()
+            raise
+        except Exception as e:
+            writer.abort()
+            raise DataError(f"{files[0]}: cannot read MindRecord rows ({str(e).strip().splitlines()[0]}); a shard "
+                            f"truncated? (files: {', '.join(all_files)})") from None
+        finally:
+            reader.close()
+        got = open_cache(writer.close())
+    ids, lab, asl, _ = got
+    return ids, lab, asl, files

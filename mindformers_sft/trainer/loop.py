@@ -11,6 +11,7 @@ from mindspore import Tensor
 
 from ..checkpoint.loading import _training_rank_dir, split
 from ..checkpoint.training_state import CheckpointManager
+from ..data.prefetch import Prefetcher
 from ..data.sampler import BatchPlan, collate
 from ..errors import TrainingError
 from ..models import load_state_dict
@@ -164,12 +165,12 @@ def train(cfg, model, train_ds, eval_ds=None, rank: RankInfo = RankInfo(), strea
     model.set_train(True)
     # which samples this rank trained on, step by step (appended across resumes)
     order_log = open(os.path.join(out_dir, f"data_order_rank_{rank.rank}.jsonl"), "a", encoding="utf-8")
+    # the next batches are read and collated by a thread while this step runs (data/prefetch.py)
+    batches = Prefetcher(plan, train_ds, step, total) if step < total else iter(())
     try:
-        while step < total:
-            epoch, in_epoch = divmod(step, plan.steps_per_epoch)
+        for at, epoch, indices, micro in batches:
+            assert at == step, (at, step)
             ms.set_seed(int(cfg.seed) * 1_000_003 + step)   # dropout masks are a function of the step: exact resume
-            indices = plan.micro_batches(epoch, in_epoch)
-            micro = [collate([train_ds[i] for i in idx]) for idx in indices]
             order_log.write(f'{{"step": {step + 1}, "epoch": {epoch}, "samples": {sum(indices, [])}}}\n')
             lr = sched(step)
             res = runner(micro, lr)
@@ -206,4 +207,6 @@ def train(cfg, model, train_ds, eval_ds=None, rank: RankInfo = RankInfo(), strea
             tb.close()
         monitor.close()
         order_log.close()
+        if isinstance(batches, Prefetcher):
+            batches.close()
     return result
