@@ -203,10 +203,24 @@ def cache_root(first_file: str) -> str:
     return os.path.join(tempfile.gettempdir(), "mfsft_rows")
 
 
+def _stream_rows(arg, columns):
+    """Rows in file order through MindSpore's MindDataset with a one-row prefetch: its memory stays a few MB
+    however large the file (FileReader.get_next buffers pages and peaked above the data's size in our test)."""
+    import mindspore.dataset as mds
+    prefetch = mds.config.get_prefetch_size()
+    mds.config.set_prefetch_size(1)
+    try:
+        d = mds.MindDataset(arg, columns_list=list(columns), shuffle=False, num_parallel_workers=1)
+        for row in d.create_dict_iterator(output_numpy=True, num_epochs=1):
+            yield row
+    finally:
+        mds.config.set_prefetch_size(prefetch)
+
+
 def cache_mindrecord(spec, cache_dir: Optional[str] = None):
     """(input_ids, labels, actual_seq_len or None, files) as on-disk row arrays (rowcache.RowFile): the files are
     streamed once into the cache (RAM bounded by one row), later opens reuse it."""
-    from mindspore.mindrecord import FileReader
+    import mindspore.dataset as mds
     from .rowcache import RowCacheWriter, open_cache
     arg, files = resolve_mindrecord(spec)
     all_files = _shards(files)
@@ -215,21 +229,21 @@ def cache_mindrecord(spec, cache_dir: Optional[str] = None):
     got = open_cache(directory)
     if got is None:
         try:
-            reader = FileReader(arg, num_consumer=1)
+            # not FileReader: opening one starts its readers, which buffer more than the file's size
+            probe = mds.MindDataset(arg, shuffle=False, num_parallel_workers=1)
+            schema, n = probe.get_col_names(), probe.get_dataset_size()
         except Exception as e:                              # mindspore raises RuntimeError / MRMOpenError
             raise DataError(f"{files[0]}: cannot open as MindRecord ({str(e).strip().splitlines()[0]}); a shard "
                             f"missing or truncated? (files: {', '.join(all_files)})") from None
         os.makedirs(os.path.dirname(directory), exist_ok=True)
         writer = RowCacheWriter(directory, source=files[0])
         try:
-            schema = reader.schema()
             missing = [c for c in COLUMNS if c not in schema]
             if missing:
                 raise DataError(f"{files[0]}: MindRecord has no column {missing[0]!r} (columns: "
                                 f"{', '.join(schema)}); expected MindFormers' input_ids/labels schema")
-            n = reader.len()
-            for row in reader.get_next():
-                writer.add({c: row[c] for c in PACKED_COLUMNS if c in row})
+            for row in _stream_rows(arg, [c for c in PACKED_COLUMNS if c in schema]):
+                writer.add(row)
             if writer.rows != n:
                 raise DataError(f"{files[0]}: read {writer.rows} rows of the {n} its index lists (truncated?)")
         except DataError:
@@ -239,8 +253,6 @@ def cache_mindrecord(spec, cache_dir: Optional[str] = None):
             writer.abort()
             raise DataError(f"{files[0]}: cannot read MindRecord rows ({str(e).strip().splitlines()[0]}); a shard "
                             f"truncated? (files: {', '.join(all_files)})") from None
-        finally:
-            reader.close()
         got = open_cache(writer.close())
     ids, lab, asl, _ = got
     return ids, lab, asl, files
