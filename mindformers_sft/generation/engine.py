@@ -36,6 +36,7 @@ import numpy as np
 from mindspore import Tensor, ops
 
 from ..errors import ConfigError
+from ..models import decode_graph
 from .generate import pick_token
 
 FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED, FINISH_ERROR = "stop", "length", "cancelled", "error"
@@ -236,15 +237,17 @@ class Engine:
 
     def _prefill(self, new: List[Request]):
         lens = [len(r.prompt) for r in new]
-        width = max(lens)
+        graph = decode_graph.enabled()
+        # the compiled prefill takes a few widths (left padding the key mask hides), so its graphs are reused
+        width = decode_graph.prefill_width(max(lens)) if graph else max(lens)
         ids = np.zeros((len(new), width), dtype=np.int32)
         mask = np.zeros((len(new), width), dtype=bool)
         for i, r in enumerate(new):
             ids[i, width - lens[i]:] = r.prompt
             mask[i, width - lens[i]:] = True
         positions = np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)
-        logits, cache = self.model.forward_with_cache(ids, None, key_mask=mask, position_ids=positions)
-        last = logits[:, -1].asnumpy().astype(np.float32)
+        logits, cache = self.model.forward_with_cache(ids, None, key_mask=mask, position_ids=positions, last_only=True)
+        last = logits.asnumpy()[:, -1].astype(np.float32)
         self._merge(new, cache, mask, np.array(lens, dtype=np.int32))
         self._advance(last, first=len(self.rows) - len(new))
 
@@ -254,7 +257,7 @@ class Engine:
         logits, self.cache = self.model.forward_with_cache(self.last.reshape(b, 1), self.cache, key_mask=self.key_mask,
                                                            position_ids=self.next_pos.reshape(b, 1))
         self.next_pos = self.next_pos + 1
-        self._advance(logits[:, -1].asnumpy().astype(np.float32), first=0)
+        self._advance(logits.asnumpy()[:, -1].astype(np.float32), first=0)
 
     def _advance(self, logits: np.ndarray, first: int):
         """Pick the next token of rows first.. from their logits (one row each), emit it, retire finished rows."""

@@ -143,9 +143,16 @@ class CausalLM(nn.Cell):
         return loss_sum / ops.maximum(count, 1.0)
 
     # ---- KV-cache inference (PyNative) ----
-    def forward_with_cache(self, input_ids, cache: Optional[KVCache] = None, key_mask=None, position_ids=None):
+    def forward_with_cache(self, input_ids, cache: Optional[KVCache] = None, key_mask=None, position_ids=None,
+                           last_only=False):
         """key_mask: bool (B, cache length + s), False at (left-)padding keys, which no query sees;
-        position_ids: int (B, s) rotary positions per row (default: cache length + arange(s))."""
+        position_ids: int (B, s) rotary positions per row (default: cache length + arange(s));
+        last_only: only the last position's logits are needed ((B, 1, V) may be returned; numpy inputs without
+        a cache then run as one compiled graph per shape, decode_graph.prefill)."""
+        if (last_only and cache is None and key_mask is not None and position_ids is not None
+                and not isinstance(input_ids, Tensor) and decode_graph.enabled()):
+            return decode_graph.prefill(self, np.asarray(input_ids, np.int32), np.asarray(key_mask, np.bool_),
+                                        np.asarray(position_ids, np.int32))
         input_ids = Tensor(np.asarray(input_ids, dtype=np.int32)) if not isinstance(input_ids, Tensor) else input_ids
         b, s = input_ids.shape
         if cache is not None and s == 1 and decode_graph.enabled():

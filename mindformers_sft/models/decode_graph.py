@@ -106,3 +106,52 @@ def decode(model, input_ids, cache, key_mask=None, position_ids=None):
     logits, new = g(input_ids, Tensor(np.asarray(position_ids, dtype=np.int32).reshape(b, 1)), mask,
                     ops.cast(Tensor(slot), dtype), ms.mutable(flat))
     return logits, KVCache([(new[2 * i], new[2 * i + 1]) for i in range(len(layers))], t + 1)
+
+
+MIN_PREFILL = 32
+
+
+def prefill_width(length: int) -> int:
+    """Columns a batch of prompts is left-padded to for the compiled prefill: a power of two >= MIN_PREFILL."""
+    c = MIN_PREFILL
+    while c < length:
+        c *= 2
+    return c
+
+
+class PrefillGraph(nn.Cell):
+    """construct(tokens (B, S), position_ids (B, S), mask (B, 1, S, S)) -> (logits of the last position (B, 1, V)
+    fp32, (k0, v0, k1, ...) each (B, Nkv, S, D)); `shapes` lists the (batch, width) shapes seen."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.n_layers = len(model.decoder_layers())
+        self.shapes = []
+
+    @ms.jit
+    def construct(self, tokens, position_ids, mask):
+        h, presents = self.model._decoder_with_cache(tokens, position_ids, mask, None)
+        logits = self.model._head(h[:, -1:])
+        out = ()
+        for i in range(self.n_layers):
+            k, v = presents[i]
+            out = out + (k, v)
+        return logits, out
+
+
+def prefill(model, input_ids: np.ndarray, key_mask: np.ndarray, position_ids: np.ndarray):
+    """Left-padded prompts (B, S) int32 (S best a prefill_width, so the graph is reused), key_mask (B, S) bool
+    (False at padding), position_ids (B, S) -> (logits of the last position (B, 1, V) fp32, KVCache of S)."""
+    from .causal_lm import KVCache
+    b, s = input_ids.shape
+    keys = np.tril(np.ones((s, s), dtype=np.bool_))[None, None] & np.asarray(key_mask, np.bool_)[:, None, None, :]
+    mask = Tensor(keys) if model.fused else Tensor(np.where(keys, 0.0, kernels.NEG_INF).astype(np.float32))
+    g = model.__dict__.get("_prefill_graph")
+    if g is None:
+        g = PrefillGraph(model)
+        object.__setattr__(model, "_prefill_graph", g)
+    if (b, s) not in g.shapes:
+        g.shapes.append((b, s))
+    logits, new = g(Tensor(np.asarray(input_ids, np.int32)), Tensor(np.asarray(position_ids, np.int32)), mask)
+    return logits, KVCache([(new[2 * i], new[2 * i + 1]) for i in range(len(new) // 2)], s)

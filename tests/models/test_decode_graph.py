@@ -1,4 +1,4 @@
-"""The compiled decode step (models/decode_graph.py: static KV cache, one graph per (batch, capacity)) against
+"""The compiled prefill and decode step (models/decode_graph.py: static KV cache, one graph per shape) against
 transformers' generate and against the concatenating PyNative cache, including a cache that grows past 256."""
 import os
 
@@ -39,6 +39,8 @@ def test_engine_batch_equals_transformers_with_one_compiled_shape(model):
     assert outs == _hf_left_padded(PROMPTS, new)
     # 29 decode steps of the same 3 rows: one (batch, capacity) shape, i.e. one compiled graph
     assert decode_graph.graph_of(model).shapes == [(3, decode_graph.MIN_CAPACITY)]
+    # the prompts (3 to 8 tokens) were prefilled together, left-padded to the smallest prefill width
+    assert model._prefill_graph.shapes == [(3, decode_graph.MIN_PREFILL)]
 
 
 def test_cache_growing_past_capacity_equals_pynative_cache(model, monkeypatch):
