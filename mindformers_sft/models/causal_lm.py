@@ -2,7 +2,7 @@
 loss interface, attention masks, the logits head and KV-cache inference (class CausalLM)."""
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Optional
 
 import numpy as np
 import mindspore as ms
@@ -10,6 +10,7 @@ from mindspore import Tensor, nn, ops
 
 from ..errors import ConfigError
 from . import decode_graph, kernels
+from .kv_cache import KVCache
 from .config import LlamaConfig
 
 MS_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
@@ -30,24 +31,6 @@ def make_mask(q_index, k_index, q_seg=None, k_seg=None):
         same = ops.expand_dims(q_seg, 2) == ops.expand_dims(k_seg, 1)              # (B, Sq, Sk)
         mask = ops.logical_and(mask, ops.expand_dims(same, 1))
     return mask
-
-
-class KVCache:
-    """KV cache: per layer (k, v) of shape (B, Nkv, capacity, D), post-RoPE; columns [0, length) hold the sequence,
-    later ones (a static cache's free space, written in place by the compiled decode step) are unused."""
-
-    def __init__(self, layers: List[Tuple[Tensor, Tensor]], length: int):
-        self.layers, self.length = layers, length
-
-    @property
-    def capacity(self) -> int:
-        return self.layers[0][0].shape[2] if self.layers else self.length
-
-    def used(self) -> List[Tuple[Tensor, Tensor]]:
-        """The layers cut to their first `length` columns."""
-        if self.capacity == self.length:
-            return self.layers
-        return [(k[:, :, :self.length], v[:, :, :self.length]) for k, v in self.layers]
 
 
 class CausalLM(nn.Cell):

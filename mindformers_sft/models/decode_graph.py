@@ -18,6 +18,7 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from . import kernels
+from .kv_cache import KVCache
 
 MIN_CAPACITY = 256
 
@@ -77,7 +78,6 @@ def decode(model, input_ids, cache, key_mask=None, position_ids=None):
     """One token per row (input_ids (B, 1) int32 Tensor) after `cache` (a KVCache of `length` tokens); key_mask
     (B, length + 1) bool or None, position_ids (B, 1) or None as CausalLM.forward_with_cache.
     Returns (logits (B, 1, V) fp32, KVCache of length + 1 with a static capacity)."""
-    from .causal_lm import KVCache
     b, t = input_ids.shape[0], cache.length
     cap, layers = cache.capacity, cache.layers
     if cap <= t:
@@ -143,7 +143,6 @@ class PrefillGraph(nn.Cell):
 def prefill(model, input_ids: np.ndarray, key_mask: np.ndarray, position_ids: np.ndarray):
     """Left-padded prompts (B, S) int32 (S best a prefill_width, so the graph is reused), key_mask (B, S) bool
     (False at padding), position_ids (B, S) -> (logits of the last position (B, 1, V) fp32, KVCache of S)."""
-    from .causal_lm import KVCache
     b, s = input_ids.shape
     keys = np.tril(np.ones((s, s), dtype=np.bool_))[None, None] & np.asarray(key_mask, np.bool_)[:, None, None, :]
     mask = Tensor(keys) if model.fused else Tensor(np.where(keys, 0.0, kernels.NEG_INF).astype(np.float32))

@@ -1,4 +1,5 @@
-"""The one place that picks Ascend fused kernels or basic ops, by device.
+"""The one place that picks Ascend fused kernels or basic ops, by device (kept as one module past 400 lines on
+purpose: every device-specific choice of the models stands here, so Ascend-only code has one home).
 
 MindSpore's CPU backend has no kernels for rms_norm, rotary_position_embedding, flash_attention_score or
 swiglu, and no bf16 compute; there every function below uses basic ops only (matmul, softmax, rsqrt, mean,
