@@ -47,7 +47,17 @@ def _index(obj, key, one):
 
 class _AsArray:
     """Anything else numpy arrays offer (comparisons, ``.sum()``, ...) works on the whole array read into memory:
-    for tools and tests on small data; the trainer only reads rows by index."""
+    for tools and tests on small data; the trainer only reads rows by index. Subclasses set ``rows`` and ``width``."""
+
+    ndim = 2
+    dtype = np.dtype(np.int32)
+
+    @property
+    def shape(self):
+        return (self.rows, self.width)
+
+    def __len__(self):
+        return self.rows
 
     def __getattr__(self, name):
         if name.startswith("_"):
@@ -79,16 +89,6 @@ class RowFile(_AsArray):
         have = os.path.getsize(path)
         if have != need:
             raise DataError(f"{path}: row cache holds {have} bytes, expected {need} ({rows} rows x {width} int32)")
-
-    @property
-    def shape(self):
-        return (self.rows, self.width)
-
-    ndim = 2
-    dtype = np.dtype(np.int32)
-
-    def __len__(self):
-        return self.rows
 
     def _read(self, start: int, count: int) -> np.ndarray:
         if self._fd is None:
@@ -134,16 +134,6 @@ class RaggedRows(_AsArray):
         self.index = index
         self.rows, self.width = int(rows), int(width)
         self._idx = RowFile(index, (self.rows + 1) * 2, 1)   # int64 offsets read as pairs of int32
-
-    @property
-    def shape(self):
-        return (self.rows, self.width)
-
-    ndim = 2
-    dtype = np.dtype(np.int32)
-
-    def __len__(self):
-        return self.rows
 
     def _row(self, i: int) -> np.ndarray:
         lo, hi = (int(x) for x in self._idx._read(2 * i, 4).reshape(-1).view(np.int64))
