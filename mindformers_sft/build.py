@@ -59,7 +59,7 @@ def setup_context(cfg):
 
 
 def model_config(cfg, log=print):
-    from .models.config import LlamaConfig
+    from .config.model_config import LlamaConfig
     from .models.registry import arch_model_type
     mc = dict(cfg.model.model_config or {})
     arch_type = arch_model_type(cfg.model.arch.type)
@@ -92,7 +92,7 @@ def model_config(cfg, log=print):
 def _checkpoint_architecture(path):
     """LlamaConfig recorded with the weights at `path` (HF config.json, or a training checkpoint's meta.json), or None."""
     from .checkpoint.loading import is_hf_dir, resolve
-    from .models.config import LlamaConfig
+    from .config.model_config import LlamaConfig
     if not path or not os.path.exists(path):
         return None
     if is_hf_dir(path):

@@ -30,7 +30,7 @@ def resolve_pretrained(cfg, log=print):
         _keep_tied(cfg, d, log)
         from .build import _checkpoint_architecture
         if _checkpoint_architecture(cfg.load_checkpoint) is None:
-            from .models.config import LlamaConfig
+            from .config.model_config import LlamaConfig
             cfg.model.model_config = {**LlamaConfig.from_hf_config(d).to_dict(), **(cfg.model.model_config or {})}
         tok = cfg.processor.tokenizer
         if not (tok.path or tok.tokenizer_file or tok.vocab_file):

@@ -52,9 +52,9 @@ HF_STATE_TO_MF = {"llama": _llama_state, "qwen2": _llama_state, "qwen3": _qwen3_
 
 def read_hf_dir(path, config=None) -> dict:
     """MindFormers-named arrays of a Hugging Face directory (single file or index + shards), in the layout of the
-    model `config` (models.config.LlamaConfig; default: the directory's config.json) describes."""
+    model `config` (config.model_config.LlamaConfig; default: the directory's config.json) describes."""
     if config is None:
-        from ..models.config import LlamaConfig
+        from ..config.model_config import LlamaConfig
         config = LlamaConfig.from_hf_config(path)
     arrays, files = {}, {}
     for fp in checkpoint_files(path):

@@ -6,12 +6,14 @@ here, before anything is compiled or loaded.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 
 import yaml
 
 from ..errors import ConfigError
 from .schema import APPLIED_ON_ASCEND, CALLBACKS, DATASET, EXTRA, HANDLERS, LOADERS, NO_EFFECT_OFF_ASCEND, NOT_ACTED_ON, OPEN, SCHEMA
+from .model_config import KEY_ALIASES, LlamaConfig
 from .model_names import translate as translate_model_config
 from .value_types import check_model_config, check_model_keys, check_union
 from .yaml_lines import LineDict, load_yaml, parse_value, where
@@ -245,8 +247,6 @@ def load_config(path: str = None, options=(), overrides: dict = None) -> Config:
         check_model_keys(mc)
     dropped = []
     if merged.get("use_legacy") is False and mc:
-        import dataclasses
-        from ..models.config import KEY_ALIASES, LlamaConfig     # its names only
         mc, dropped = translate_model_config(dict(mc), [f.name for f in dataclasses.fields(LlamaConfig)], KEY_ALIASES)
     merged["model"]["model_config"] = mc
     cfg = Config.wrap(merged)

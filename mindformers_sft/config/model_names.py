@@ -1,4 +1,4 @@
-"""MindFormers 1.6+ `model.model_config` names (use_legacy: False) -> the names of models/config.py.
+"""MindFormers 1.6+ `model.model_config` names (use_legacy: False) -> the names of config/model_config.py.
 
 The new configs describe a model with Megatron-style names (`params_dtype`, `layernorm_compute_dtype`,
 `untie_embeddings_and_output_weights`, ...) and, when there is no `pretrained_model_dir`, with Hugging Face
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 
-# Renames beyond the HF names models/config.py already takes (its KEY_ALIASES, passed to translate()).
+# Renames beyond the HF names model_config.py already takes (its KEY_ALIASES, passed to translate()).
 RENAMES = {
     "add_qkv_bias": "qkv_has_bias",
     "moe_aux_loss_coeff": "router_aux_loss_coef",

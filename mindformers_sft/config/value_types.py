@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..errors import ConfigError
+from .model_config import KEY_ALIASES, MINDFORMERS_IGNORED_KEYS, LlamaConfig
 from .yaml_lines import where
 
 # keys with a None default -> the kinds of value they take
@@ -43,7 +44,6 @@ def check_model_config(parent, mc):
         return
     if not isinstance(mc, dict):
         raise ConfigError(f"{where(parent, 'model_config')}: 'model.model_config' expects a mapping, got {mc!r}")
-    from ..models.config import KEY_ALIASES, LlamaConfig
     fields = {f.name: f for f in dataclasses.fields(LlamaConfig)}
     for k, v in mc.items():
         f = fields.get(KEY_ALIASES.get(k, k))
@@ -72,7 +72,6 @@ def check_model_keys(mc):
     if not isinstance(mc, dict):
         return
     import difflib
-    from ..models.config import KEY_ALIASES, MINDFORMERS_IGNORED_KEYS, LlamaConfig
     known = {f.name for f in dataclasses.fields(LlamaConfig)} - {"extra"}
     known |= set(KEY_ALIASES) | set(MINDFORMERS_IGNORED_KEYS) | {"type"}
     for k in mc:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Iterable, Optional, Tuple
 
-from ..models.config import LlamaConfig
+from ..config.model_config import LlamaConfig
 from .names import hf_to_mf, mf_to_hf
 from .layout_qwen3 import qwen3_layout
 from .plan import Layout, rename

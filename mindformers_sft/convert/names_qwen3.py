@@ -11,7 +11,7 @@ Two levels:
   `qkv_concat`/`qkv_split`, `fc1_concat`/`fc1_split`, `experts_stack`/`experts_unstack` (usable per layer for
   streaming, and on LoRA B matrices, whose rows follow the weight's rows).
 
-`cfg` is anything with the attributes of models.config.LlamaConfig: num_heads, n_kv_heads, head_dim, hidden_size,
+`cfg` is anything with the attributes of config.model_config.LlamaConfig: num_heads, n_kv_heads, head_dim, hidden_size,
 qkv_concat, use_contiguous_weight_layout_attention, use_interleaved_weight_layout_mlp, num_experts,
 moe_intermediate_size, num_layers and `is_moe_layer(i)`.
 """

@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 from ..checkpoint import file_format, safetensors_metadata
 from ..errors import ConfigError
-from ..models.config import LlamaConfig
+from ..config.model_config import LlamaConfig
 
 HF_CONFIG_METADATA_KEY = "hf_config"
 # --model value -> LlamaConfig.model_type. qwen2 and qwen2_5 are one family (Qwen2 with q/k/v bias).

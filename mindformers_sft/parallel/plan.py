@@ -97,7 +97,7 @@ def _target_dtypes(cfg, mc):
     raw = _get(cfg.model, "model_config") if cfg.get("model") else None
     if cfg.run_mode != "plan" or not isinstance(raw, dict):
         return mc
-    from ..models.config import normalize_dtype
+    from ..config.model_config import normalize_dtype
     import copy
     mc = copy.copy(mc)
     for k in ("compute_dtype", "param_init_type"):
