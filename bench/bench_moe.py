@@ -72,7 +72,7 @@ def ours(hf_dir, lr):
     ms.set_device("CPU")
     ms.set_context(mode=ms.PYNATIVE_MODE)
     ms.runtime.launch_blocking()
-    from mindformers_sft.models import from_hf_dir
+    from mindformers_sft.pretrained import from_hf_dir
     from mindformers_sft.trainer.optimizer import AdamW
     from mindformers_sft.trainer.step import TrainStep
     model = from_hf_dir(hf_dir)

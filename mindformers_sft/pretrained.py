@@ -1,5 +1,6 @@
 """MindFormers 1.6+ `pretrained_model_dir` (a Hugging Face directory) -> load_checkpoint, model_config and tokenizer
-of a validated Config, before anything is built; and `load_ckpt_format` checked against load_checkpoint."""
+of a validated Config, before anything is built; `load_ckpt_format` checked against load_checkpoint; and
+`from_hf_dir`, a model with its weights straight from a Hugging Face directory."""
 from __future__ import annotations
 
 import json
@@ -64,3 +65,15 @@ def _check_ckpt_format(cfg):
     if ext in ("ckpt", "safetensors") and ext != fmt:
         raise ConfigError(f"load_checkpoint {path} is a .{ext} file but load_ckpt_format is '{fmt}'; set "
                           f"load_ckpt_format: {ext}")
+
+
+def from_hf_dir(path: str, **config_overrides):
+    """Build from a Hugging Face directory: config.json plus its safetensors (single file or shards); the family
+    comes from config.json's model_type."""
+    from .checkpoint.loading import read_hf_dir
+    from .config.model_config import LlamaConfig
+    from .models import build_model, load_state_dict
+    config = LlamaConfig.from_hf_config(path, **config_overrides)
+    model = build_model(config)
+    load_state_dict(model, read_hf_dir(path, config), strict=True, source=path)
+    return model

@@ -1,5 +1,5 @@
 """Decoder families (Llama/Qwen2 in llama.py, Qwen3 in qwen3.py, Qwen3-MoE in qwen3_moe.py): build by
-model_type, load numpy weights by MindFormers name, export, and load a HF directory."""
+model_type, load and export numpy weights by MindFormers name (a HF directory: pretrained.from_hf_dir)."""
 from __future__ import annotations
 
 from typing import Dict
@@ -14,7 +14,7 @@ from .causal_lm import CausalLM, KVCache
 from .llama import LlamaForCausalLM
 
 __all__ = ["LlamaConfig", "LlamaForCausalLM", "CausalLM", "KVCache", "build_model", "model_class",
-           "load_state_dict", "state_dict_numpy", "from_hf_dir"]
+           "load_state_dict", "state_dict_numpy"]
 
 # model_type -> "module:Class" (imported on use); a new family adds one line here, its model file and its name map
 FAMILIES = {
@@ -90,12 +90,3 @@ def state_dict_numpy(model) -> Dict[str, np.ndarray]:
         out[name] = (t.float() if p.dtype == ms.bfloat16 else t).asnumpy().copy()
     return out
 
-
-def from_hf_dir(path: str, **config_overrides) -> CausalLM:
-    """Build from a Hugging Face directory: config.json plus its safetensors (single file or shards); the family
-    comes from config.json's model_type."""
-    from ..checkpoint.loading import read_hf_dir
-    config = LlamaConfig.from_hf_config(path, **config_overrides)
-    model = build_model(config)
-    load_state_dict(model, read_hf_dir(path, config), strict=True, source=path)
-    return model

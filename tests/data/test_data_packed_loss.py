@@ -22,7 +22,7 @@ def _loss(model, ids, labels, pos=None, seg=None):
 
 
 def test_per_sample_losses_packed_equal_unpacked():
-    from mindformers_sft.models import from_hf_dir
+    from mindformers_sft.pretrained import from_hf_dir
     model = from_hf_dir(STORIES)
     model.set_train(False)
     tok = load_tokenizer(STORIES)

@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 from mindformers_sft.data.templates import get_template
 from mindformers_sft.generation import generate
 from mindformers_sft.generation.chat import chat, prompt_ids
-from mindformers_sft.models import from_hf_dir
+from mindformers_sft.pretrained import from_hf_dir
 from mindformers_sft.tokenizer import load_tokenizer
 from tests.paths import ROOT, STORIES
 

@@ -9,7 +9,8 @@ import transformers
 
 from mindformers_sft.generation.engine import Engine, SamplingParams
 from mindformers_sft.generation import generate
-from mindformers_sft.models import decode_graph, from_hf_dir
+from mindformers_sft.models import decode_graph
+from mindformers_sft.pretrained import from_hf_dir
 
 STORIES = os.path.join(os.path.dirname(__file__), "..", "..", "assets", "models", "stories260K")
 PROMPTS = [[1, 403, 407, 261, 378], [1, 403, 407], [1, 378, 261, 403, 407, 261, 300, 301]]

@@ -9,7 +9,7 @@ import transformers
 from mindformers_sft.errors import ConfigError
 from mindformers_sft.generation import generate
 from mindformers_sft.generation.engine import Engine, SamplingParams
-from mindformers_sft.models import from_hf_dir
+from mindformers_sft.pretrained import from_hf_dir
 from tests.paths import STORIES
 
 PROMPTS = [[1, 403, 407, 261, 378], [1, 403, 407], [1, 403, 407, 261, 378, 300, 301, 302, 303, 304, 305], [1, 300],

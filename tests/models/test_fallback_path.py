@@ -12,7 +12,8 @@ import sys
 
 import numpy as np
 
-from mindformers_sft.models import from_hf_dir, kernels
+from mindformers_sft.models import kernels
+from mindformers_sft.pretrained import from_hf_dir
 from mindformers_sft.trainer.optimizer import AdamW
 
 from tests.paths import ROOT, STORIES

@@ -9,7 +9,7 @@ from tokenizers import Tokenizer
 
 from mindformers_sft.errors import ConfigError
 from mindformers_sft.generation import generate
-from mindformers_sft.models import from_hf_dir
+from mindformers_sft.pretrained import from_hf_dir
 
 STORIES = os.path.join(os.path.dirname(__file__), "..", "..", "assets", "models", "stories260K")
 PROMPT = [1, 403, 407, 261, 378]  # "<s> Once upon a time"

@@ -10,8 +10,8 @@ import mindspore as ms
 from mindspore import Tensor
 
 from mindformers_sft.errors import CheckpointError, ConfigError
-from mindformers_sft.models import (LlamaConfig, LlamaForCausalLM, build_model, from_hf_dir, load_state_dict,
-                                    state_dict_numpy)
+from mindformers_sft.models import LlamaConfig, LlamaForCausalLM, build_model, load_state_dict, state_dict_numpy
+from mindformers_sft.pretrained import from_hf_dir
 
 STORIES = os.path.join(os.path.dirname(__file__), "..", "..", "assets", "models", "stories260K")
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

@@ -9,9 +9,10 @@ from mindspore import Tensor
 
 from mindformers_sft.errors import CheckpointError
 from mindformers_sft.generation import generate
-from mindformers_sft.models import from_hf_dir, state_dict_numpy
+from mindformers_sft.models import state_dict_numpy
 from mindformers_sft.models.moe import load_balancing_loss
 from mindformers_sft.models.qwen3_moe import Qwen3MoeForCausalLM
+from mindformers_sft.pretrained import from_hf_dir
 
 from tests.models.test_qwen3_vs_hf import edit_config, randomize
 

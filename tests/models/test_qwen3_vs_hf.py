@@ -13,8 +13,9 @@ from mindspore import Tensor
 from mindformers_sft.convert import names_qwen3
 from mindformers_sft.errors import CheckpointError, ConfigError
 from mindformers_sft.generation import generate
-from mindformers_sft.models import from_hf_dir, state_dict_numpy
+from mindformers_sft.models import state_dict_numpy
 from mindformers_sft.models.qwen3 import Qwen3ForCausalLM
+from mindformers_sft.pretrained import from_hf_dir
 from tests.models.test_llama_vs_hf import _randomize
 
 SHAPES = {

@@ -11,7 +11,7 @@ from fastchat.conversation import get_conv_template
 
 from mindformers_sft.data.templates import get_template
 from mindformers_sft.generation.engine import Engine
-from mindformers_sft.models import from_hf_dir
+from mindformers_sft.pretrained import from_hf_dir
 from mindformers_sft.serving.app import create_app
 from mindformers_sft.tokenizer import load_tokenizer
 from tests.paths import STORIES

@@ -6,8 +6,9 @@ import torch
 from mindspore import Tensor
 
 from mindformers_sft.convert.names_qwen3 import fc1_split, mf_state_to_hf, qkv_split
-from mindformers_sft.models import from_hf_dir, load_state_dict, state_dict_numpy
+from mindformers_sft.models import load_state_dict, state_dict_numpy
 from mindformers_sft.pet.lora import adapter_state, apply_lora, merged_state
+from mindformers_sft.pretrained import from_hf_dir
 
 from tests.models.test_qwen3_moe_vs_hf import tiny_qwen3_moe
 from tests.models.test_qwen3_vs_hf import tiny_qwen3

@@ -7,7 +7,7 @@ import numpy as np
 from mindspore import Tensor
 
 from mindformers_sft.checkpoint.training_state import CheckpointManager
-from mindformers_sft.models import from_hf_dir
+from mindformers_sft.pretrained import from_hf_dir
 from mindformers_sft.run import recompute_layers
 from mindformers_sft.trainer.step import LossScaler
 from tests.paths import STORIES

@@ -6,8 +6,9 @@ import torch
 from transformers import LlamaForCausalLM as HFLlama
 
 from mindformers_sft.convert.names import mf_to_hf
-from mindformers_sft.models import from_hf_dir, state_dict_numpy
+from mindformers_sft.models import state_dict_numpy
 from mindformers_sft.pet.lora import apply_lora, adapter_state
+from mindformers_sft.pretrained import from_hf_dir
 from mindformers_sft.trainer.optimizer import AdamW
 from mindformers_sft.trainer.step import TrainStep
 
