@@ -51,7 +51,7 @@ def ours(batches, new_tokens, repeats):
     ms.set_context(mode=ms.PYNATIVE_MODE)
     ms.runtime.launch_blocking()
     from mindformers_sft.evaluation.generation import GenerationSettings, generate_ids
-    from mindformers_sft.models import from_hf_dir
+    from mindformers_sft.pretrained import from_hf_dir
     model = from_hf_dir(STORIES)
     model.set_train(False)
     s = GenerationSettings(max_new_tokens=new_tokens)

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Union
 
 import numpy as np
-from mindspore import Tensor, ops
 
 from ..errors import ConfigError
 from ..models import decode_graph
@@ -280,12 +279,8 @@ class Engine:
         if self.cache is None:
             self.cache, self.key_mask = cache, mask
         else:
-            t_old, t_new = self.key_mask.shape[1], mask.shape[1]
-            width = max(t_old, t_new)
-            layers = [(_cat_rows(_left_pad(k0, width), _left_pad(k1, width)),
-                       _cat_rows(_left_pad(v0, width), _left_pad(v1, width)))
-                      for (k0, v0), (k1, v1) in zip(self.cache.used(), cache.used())]
-            self.cache = type(cache)(layers, width)
+            width = max(self.key_mask.shape[1], mask.shape[1])
+            self.cache = self.cache.merge_rows(cache, width)
             self.key_mask = np.concatenate([_left_pad_np(self.key_mask, width), _left_pad_np(mask, width)], 0)
         self.rows = self.rows + list(new)
         self.next_pos = np.concatenate([self.next_pos, lens]).astype(np.int32)
@@ -305,29 +300,11 @@ class Engine:
             return
         mask = self.key_mask[keep]
         start = int(np.argmax(mask.any(0)))       # leading columns that only padding uses are trimmed
-        idx = Tensor(np.array(keep, dtype=np.int32))
-        layers = [(_take_rows(k, idx, start), _take_rows(v, idx, start)) for k, v in self.cache.used()]
-        self.cache = type(self.cache)(layers, mask.shape[1] - start)
+        self.cache = self.cache.take_rows(keep, start)
         self.key_mask = mask[:, start:]
         self.rows = [self.rows[i] for i in keep]
         self.next_pos, self.last = self.next_pos[keep], self.last[keep]
 
 
-def _left_pad(x, width):
-    b, n, t, d = x.shape
-    if t == width:
-        return x
-    return ops.cat((ops.zeros((b, n, width - t, d), x.dtype), x), 2)
-
-
 def _left_pad_np(mask, width):
     return np.concatenate([np.zeros((mask.shape[0], width - mask.shape[1]), dtype=bool), mask], 1)
-
-
-def _cat_rows(a, b):
-    return ops.cat((a, b), 0)
-
-
-def _take_rows(x, idx, start):
-    x = ops.gather(x, idx, 0)
-    return x[:, :, start:, :] if start else x

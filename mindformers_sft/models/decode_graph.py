@@ -18,21 +18,11 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from . import kernels
-from .kv_cache import KVCache
-
-MIN_CAPACITY = 256
+from .kv_cache import MIN_CAPACITY, KVCache, capacity_for  # noqa: F401  (re-exported)
 
 
 def enabled() -> bool:
     return os.environ.get("MFSFT_GRAPH_DECODE", "1") != "0"
-
-
-def capacity_for(length: int) -> int:
-    """Columns a static cache gets for `length` tokens: a power of two >= MIN_CAPACITY (few distinct shapes)."""
-    c = MIN_CAPACITY
-    while c < length:
-        c *= 2
-    return c
 
 
 class DecodeGraph(nn.Cell):

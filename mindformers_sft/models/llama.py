@@ -20,7 +20,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
 from ..errors import ConfigError
-from . import kernels
+from . import fused_decode, kernels
 from .causal_lm import MS_DTYPES, CausalLM, KVCache, _cast, make_mask  # noqa: F401  (KVCache, make_mask re-exported)
 from .config import LlamaConfig
 
@@ -277,3 +277,16 @@ class LlamaForCausalLM(CausalLM):
 
     def _decoder_with_cache(self, tokens, position_ids, mask, past):
         return self.model.forward_with_cache(tokens, position_ids, mask, past)
+
+    def decode_layout(self):
+        """The weights of the fused CPU decode step (fused_decode.py): separate q/k/v and gate/up matrices."""
+        m = self.model
+        layers = [fused_decode.LayerWeights(
+            layer.attention_norm.weight, layer.ffn_norm.weight, None, None,
+            [layer.attention.wq, layer.attention.wk, layer.attention.wv, layer.attention.wo,
+             layer.feed_forward.w1, layer.feed_forward.w3, layer.feed_forward.w2]) for layer in m.layers]
+        output = m.tok_embeddings.embedding_weight if self.tie else getattr(self.lm_head, "weight", None)
+        if output is None:        # an output layer wrapped by an adapter: not read by the fused step
+            return None
+        return fused_decode.DecodeLayout(layers, fused_decode.SEPARATE, fused_decode.SEPARATE,
+                                         m.tok_embeddings.embedding_weight, m.norm_out.weight, output, m.inv_freq)

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 from mindspore import Tensor, nn, ops
 
+from . import fused_decode
 from .config import LlamaConfig
 from .causal_lm import MS_DTYPES, CausalLM
 from .llama import Attention, Embedding, FeedForward, Linear, LlamaModel, RMSNorm, layers_with_cache, rope_inv_freq
@@ -208,3 +209,31 @@ class Qwen3ForCausalLM(CausalLM):
 
     def _decoder_with_cache(self, tokens, position_ids, mask, past):
         return self.decoder.forward_with_cache(self.embedding(tokens), position_ids, mask, past)
+
+    def decode_layout(self):
+        """The weights of the fused CPU decode step (fused_decode.py), or None with a MoE layer (decode_graph.py)."""
+        fd = fused_decode
+        layers, qkv_mode, mlp_mode = [], fd.SEPARATE, fd.SEPARATE
+        for layer in self.decoder.layers:
+            a, mlp = layer.self_attention, layer.mlp
+            if not isinstance(mlp, Qwen3MLP):
+                return None
+            if a.qkv_concat:
+                qkv_mode = fd.FUSED if a.contiguous else fd.INTERLEAVED
+                qkv = [a.linear_qkv, None, None]
+            else:
+                qkv = [a.linear_q, a.linear_k, a.linear_v]
+            if mlp.concat:
+                mlp_mode = fd.INTERLEAVED if mlp.interleaved else fd.FUSED
+                gate_up = [mlp.linear_fc1, None]
+            else:
+                gate_up = [mlp.gating, mlp.hidden]
+            layers.append(fd.LayerWeights(layer.input_layernorm.weight, layer.pre_mlp_layernorm.weight,
+                                          a.q_layernorm.weight, a.k_layernorm.weight,
+                                          qkv + [a.linear_proj] + gate_up + [mlp.linear_fc2]))
+        table = self.embedding.word_embeddings.weight
+        output = table if self.tie else getattr(self.output_layer, "weight", None)
+        if output is None:
+            return None
+        return fd.DecodeLayout(layers, qkv_mode, mlp_mode, table, self.decoder.final_layernorm.weight, output,
+                               self.decoder.inv_freq)

@@ -16,6 +16,12 @@ STORIES = os.path.join(os.path.dirname(__file__), "..", "..", "assets", "models"
 PROMPTS = [[1, 403, 407, 261, 378], [1, 403, 407], [1, 378, 261, 403, 407, 261, 300, 301]]
 
 
+@pytest.fixture(autouse=True)
+def graph_decode(monkeypatch):
+    """These tests are about the compiled decode graph: the fused CPU decode step (test_fused_decode.py) is off."""
+    monkeypatch.setenv("MFSFT_FUSED_DECODE", "0")
+
+
 @pytest.fixture(scope="module")
 def model():
     return from_hf_dir(STORIES)

@@ -1,0 +1,187 @@
+"""The fused CPU decode step: one new token per row through the whole decoder in ONE kernel call.
+
+On CPU a decode step of a small model is ~100 tiny ops, and MindSpore's launch cost per op (or per compiled graph
+call) is far larger than their arithmetic. `MfsftDecodeStep` (cpu_decode_kernels.cc, a MindSpore Custom "aot" op
+like the other fused CPU kernels) runs embedding, every layer and the logits in one call:
+
+  * the weights are read in place: the op gets one int64 `table` with the data pointers of the model's
+    parameters (and the layout of fused projections), written by `DecodePlan` from the family's
+    `decode_layout()` (llama.py, qwen3.py; a family without it, or with a MoE layer, uses decode_graph.py);
+  * the KV cache is a host array (kv_cache.HostKVCache) that the op appends the new token's k and v to in place;
+  * LoRA adapters (unmerged, dropout off at inference) are applied inside, so a LoRA checkpoint decodes as fast.
+
+Used by CausalLM.forward_with_cache for one token per row when the fused CPU kernels are built and every weight is
+fp32 (CPU compute); `MFSFT_FUSED_DECODE=0` turns it off. The table is rebuilt whenever a host cache is made from a
+prefill, so weights loaded between generations are picked up; the parameters must not change while a cache is in
+use (they do not: generation never trains). Numerics: fp32, exact softmax, the same formulas as the layers; it
+differs from the layer-by-layer path by float rounding only (summation order).
+"""
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from typing import List, Optional
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, ops
+
+from . import kernels
+from .kv_cache import HostKVCache, KVCache, capacity_for
+
+# table layout: the k* constants of cpu_decode_kernels.cc
+_HEADER, _LIN, _LINEARS = 20, 6, 7
+_PER_LAYER = 4 + _LIN * _LINEARS
+(_LAYERS, _HIDDEN, _HEADS, _KV_HEADS, _HEAD_DIM, _INTER, _VOCAB, _QKV_MODE, _MLP_MODE, _EPS, _EMBED, _FINAL_NORM,
+ _OUTPUT, _INV_FREQ, _CACHE, _CAPACITY, _CACHE_ROWS) = range(17)
+SEPARATE, FUSED, INTERLEAVED = 0, 1, 2     # modes of q|k|v and gate|up
+
+
+@dataclass
+class LayerWeights:
+    """One decoder layer for the fused step. linears: the Linear (or LoRA-wrapped) cells in the order
+    q, k, v, o, gate, up, down; with a fused projection (mode FUSED / INTERLEAVED) the fused cell stands at q
+    (resp. gate) and k, v (resp. up) are None."""
+    attn_norm: object
+    ffn_norm: object
+    q_norm: object
+    k_norm: object
+    linears: List[object]
+
+
+@dataclass
+class DecodeLayout:
+    """What a family's `decode_layout()` returns: the parameters the fused step reads, and their layout."""
+    layers: List[LayerWeights]
+    qkv_mode: int
+    mlp_mode: int
+    embedding: object       # Parameter (V, H)
+    final_norm: object      # Parameter (H,)
+    output: object          # Parameter (V, H): the output layer's weight, or the embedding when tied
+    inv_freq: Tensor        # (.., D/2) rotary inverse frequencies
+
+
+def enabled() -> bool:
+    return os.environ.get("MFSFT_FUSED_DECODE", "1") != "0"
+
+
+def _ptr(p) -> int:
+    if p is None:
+        return 0
+    if getattr(p, "has_init", False):
+        p.init_data()
+    if p.dtype != ms.float32:
+        raise _Unsupported
+    return int(p.data_ptr())
+
+
+class _Unsupported(Exception):
+    """A weight the fused step cannot read (not fp32): decode_graph.py is used instead."""
+
+
+def _linear_slots(cell) -> list:
+    if cell is None:
+        return [0] * _LIN
+    if hasattr(cell, "lora_a") and hasattr(cell, "base"):       # pet/lora.py's LoraLinear (dropout off)
+        base = cell.base
+        return [_ptr(base.weight), _ptr(base.bias), _ptr(cell.lora_a), _ptr(cell.lora_b), int(cell.rank),
+                _f32_bits(cell.scaling)]
+    if not hasattr(cell, "weight"):
+        raise _Unsupported
+    return [_ptr(cell.weight), _ptr(getattr(cell, "bias", None)), 0, 0, 0, 0]
+
+
+def _f32_bits(x: float) -> int:
+    return struct.unpack("<i", struct.pack("<f", float(x)))[0]
+
+
+class DecodePlan:
+    """The int64 table of one model's weights for MfsftDecodeStep (header + one block per layer)."""
+
+    def __init__(self, model, layout: DecodeLayout):
+        cfg = model.config
+        self.n_layers, self.n_kv, self.head_dim = len(layout.layers), cfg.n_kv_heads, cfg.head_dim
+        self.vocab = cfg.vocab_size
+        self._inv_freq = np.ascontiguousarray(layout.inv_freq.asnumpy().reshape(-1), dtype=np.float32)
+        t = np.zeros(_HEADER + _PER_LAYER * self.n_layers, dtype=np.int64)
+        t[[_LAYERS, _HIDDEN, _HEADS, _KV_HEADS, _HEAD_DIM, _INTER, _VOCAB, _QKV_MODE, _MLP_MODE]] = [
+            self.n_layers, cfg.hidden_size, cfg.num_heads, cfg.n_kv_heads, cfg.head_dim, cfg.intermediate_size,
+            cfg.vocab_size, layout.qkv_mode, layout.mlp_mode]
+        t[_EPS] = _f32_bits(cfg.rms_norm_eps)
+        t[_EMBED], t[_FINAL_NORM], t[_OUTPUT] = (_ptr(layout.embedding), _ptr(layout.final_norm),
+                                                 _ptr(layout.output))
+        t[_INV_FREQ] = self._inv_freq.ctypes.data
+        for i, lw in enumerate(layout.layers):
+            base = _HEADER + i * _PER_LAYER
+            t[base:base + 4] = [_ptr(lw.attn_norm), _ptr(lw.ffn_norm), _ptr(lw.q_norm), _ptr(lw.k_norm)]
+            t[base + 4:base + _PER_LAYER] = [s for cell in lw.linears for s in _linear_slots(cell)]
+        self.table = t
+        self._layout = layout          # keeps every parameter read through the table alive
+
+    def run(self, op, tokens: np.ndarray, positions: np.ndarray, key_mask: np.ndarray, cache: HostKVCache):
+        """Logits (B, 1, V) fp32 Tensor of one step; appends the step's k, v to `cache` in place (column length)."""
+        t = self.table.copy()
+        t[_CACHE], t[_CAPACITY], t[_CACHE_ROWS] = cache.data.ctypes.data, cache.capacity, cache.rows
+        return op(Tensor(tokens), Tensor(positions), Tensor(key_mask), Tensor(t))
+
+
+def _op(model):
+    op = model.__dict__.get("_fused_decode_op")
+    if op is None:
+        v = model.config.vocab_size
+        op = ops.Custom(f"{kernels.cpu_kernel_library()}:MfsftDecodeStep", out_shape=lambda tok, *rest: [tok[0], 1, v],
+                        out_dtype=lambda *a: ms.float32, func_type="aot")
+        op.add_prim_attr("mfsft_vocab", v)     # PyNative caches an op's inferred shape by its attributes
+        object.__setattr__(model, "_fused_decode_op", op)
+    return op
+
+
+def plan_for(model) -> Optional[DecodePlan]:
+    """A DecodePlan of the model's current weights, or None when the fused step does not apply (turned off, no CPU
+    kernels, a family or layer without `decode_layout`, a weight that is not fp32)."""
+    if not (enabled() and getattr(model, "cpu_kernel", False) and hasattr(model, "decode_layout")):
+        return None
+    layout = model.decode_layout()
+    if layout is None:
+        return None
+    try:
+        return DecodePlan(model, layout)
+    except _Unsupported:
+        return None
+
+
+def decode(model, input_ids, cache, key_mask=None, position_ids=None):
+    """One token per row (input_ids (B, 1)) after `cache` (a KVCache from a prefill, or the HostKVCache of the
+    previous fused step); key_mask (B, length + 1) bool or None, position_ids (B, 1) or None as
+    CausalLM.forward_with_cache. Returns (logits (B, 1, V) fp32 Tensor, HostKVCache of length + 1), or None when
+    the fused step does not apply to this model (the caller then uses decode_graph)."""
+    if isinstance(cache, HostKVCache):
+        plan = cache.plan
+    else:
+        plan = plan_for(model)
+        if plan is None:
+            return None
+        cache = HostKVCache.from_cache(cache, plan)
+    ids = np.ascontiguousarray(_numpy(input_ids, np.int32).reshape(-1))
+    b, t = ids.shape[0], cache.length
+    if cache.capacity <= t:
+        cache = cache.with_capacity(capacity_for(t + 1))
+    if key_mask is None:
+        keys = np.ones((b, t + 1), dtype=np.bool_)
+    else:
+        keys = np.ascontiguousarray(_numpy(key_mask, np.bool_)[:, :t + 1])
+    if position_ids is None:
+        positions = np.full(b, t, dtype=np.int32)
+    else:
+        positions = np.ascontiguousarray(_numpy(position_ids, np.int32).reshape(-1))
+    logits = plan.run(_op(model), ids, positions, keys, cache)
+    return logits, HostKVCache(cache.data, t + 1, plan)     # shares the array (the new column is written in it)
+
+
+def _numpy(x, dtype):
+    return np.asarray(x.asnumpy() if isinstance(x, Tensor) else x, dtype=dtype)
+
+
+__all__ = ["DecodeLayout", "LayerWeights", "DecodePlan", "SEPARATE", "FUSED", "INTERLEAVED", "decode", "plan_for",
+           "enabled", "KVCache"]
