@@ -5,7 +5,8 @@ or ``added_tokens.json``), each special token becomes its id, and every remainin
 ``SentencePieceProcessor.encode`` as-is (legacy=True: each chunk gets SentencePiece's dummy-prefix ``▁``).
 This is exactly HF ``LlamaTokenizer(legacy=True)``. ``add_special_tokens=True`` prepends bos / appends eos per
 ``add_bos_token`` (default: true when the model has a bos) / ``add_eos_token`` (default false).
-Batches go to SentencePiece in one ``encode(list)`` call (multi-threaded in C++).
+Batches go to SentencePiece in one ``encode(list)`` call (multi-threaded in C++), word by word with a cache of
+the words already seen when that is exact for the model (sp_segments.py: Llama-2's BPE model).
 
 Only the legacy behaviour is implemented (as MindFormers' LlamaTokenizer); a ``"legacy": false`` in
 tokenizer_config.json is not honoured (it only changes the ids of text right after a special token).
@@ -28,6 +29,7 @@ from mindformers_sft.errors import ConfigError
 from mindformers_sft.tokenizer.base import (
     AddedTokenSpec, Tokenizer, TokenizerFiles, bool_setting, clean_up_tokenization, decode_ids,
     special_split_pattern)
+from mindformers_sft.tokenizer.sp_segments import segment_encoder
 
 
 def load_sentencepiece(model_file: Path) -> tuple[spm.SentencePieceProcessor, bytes]:
@@ -58,6 +60,7 @@ class SentencePieceTokenizer(Tokenizer):
         self.name_or_path = str(name_or_path if name_or_path is not None else model_file)
         self.model_file = str(model_file)
         self._sp, self._proto = load_sentencepiece(model_file)
+        self._segments = segment_encoder(self._sp, self._proto)
         self._setup(files)
 
     # -- construction ----------------------------------------------------------------------------------------------
@@ -123,13 +126,14 @@ class SentencePieceTokenizer(Tokenizer):
     # -- pickling (for data-loader worker processes) ---------------------------------------------------------------
     def __getstate__(self):
         state = self.__dict__.copy()
-        del state["_sp"]
+        del state["_sp"], state["_segments"]
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._sp = spm.SentencePieceProcessor()
         self._sp.LoadFromSerializedProto(self._proto)
+        self._segments = segment_encoder(self._sp, self._proto)
 
     # -- vocabulary ------------------------------------------------------------------------------------------------
     @property
@@ -228,7 +232,12 @@ class SentencePieceTokenizer(Tokenizer):
                         plan = self._plan(t)
                         plans.append(plan)
                         flat.extend(p for p in plan if isinstance(p, str))
-        encoded = self._sp.encode(flat) if flat else []
+        if not flat:
+            encoded = []
+        elif self._segments is not None:
+            encoded = self._segments.encode(flat)
+        else:
+            encoded = self._sp.encode(flat)
         if plans is None:
             if pre or post:
                 return [pre + ids + post for ids in encoded]

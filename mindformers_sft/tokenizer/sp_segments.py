@@ -1,0 +1,98 @@
+"""Batch encoding for SentencePiece BPE models word by word, with a cache of the words already encoded.
+
+SentencePiece BPE (Llama-2's ``tokenizer.model``) turns the text into ``▁``-escaped characters (a ``▁`` for each
+space, one more in front: the dummy prefix) and merges adjacent symbols by piece score. When no piece holds a
+``▁`` after another character (checked on the model's pieces), no merge ever joins the text left of a space run
+to the run itself, so the text splits, before each run of spaces, into segments that BPE encodes independently:
+``"Hi  there you"`` -> ``"Hi"``, ``"  there"``, ``" you"`` (a literal ``▁`` in the text counts as a space). A
+segment ``" " + rest`` normalizes to what ``encode(rest)`` normalizes to (the dummy prefix stands for the
+segment's first space); the first segment is encoded as it is. So the ids of a text are the concatenation of its segments' ids, and the ids of a segment
+already seen come from a cache (as Hugging Face tokenizers' BPE caches words): most words of a corpus repeat,
+so SentencePiece only sees each distinct word once per cache lifetime.
+
+:func:`segment_encoder` returns a :class:`SegmentEncoder` only for models where this is exact: BPE, identity
+normalization (no NFKC, no whitespace removal), dummy prefix, whitespace escaped as a prefix, and no piece with
+an inner ``▁`` after another character; it also checks a set of awkward probe texts against SentencePiece's own
+``encode`` and returns None (callers then use ``encode`` directly) if any differs.
+"""
+from __future__ import annotations
+
+import re
+from itertools import chain
+from typing import List, Optional, Sequence
+
+_SPACE = "\u2581"
+_SEGMENT = re.compile(r"[ \u2581]*[^ \u2581]+|[ \u2581]+\Z")   # a literal "▁" in the text is a space too
+_PROBES = [
+    "Hello world", " leading", "trailing ", "two  spaces", "   three lead", "end   ", " ", "  ", "a b c",
+    "tab\tand\nnew line\n\n  indented", "caf\u00e9 \u4f60\u597d \U0001F600 \u00a0nbsp", "x", "12345 678",
+    "ASSISTANT: Sure.", "USER: Hi ASSISTANT:", "\u2581already escaped \u2581\u2581", "e\u0301 \u200b zero",
+    "\u2581 ", "x\u2581 \u00a0", "a \u2581\u2581 b\u2581", "\ufeff\u00a0 . \r\n",
+]
+MAX_CACHE = 1 << 18
+
+
+def _exact_for(proto: bytes) -> bool:
+    """True when the model's settings make segment-wise encoding exact (see the module docstring)."""
+    try:
+        from sentencepiece import sentencepiece_model_pb2 as pb
+        m = pb.ModelProto()
+        m.ParseFromString(proto)
+    except Exception:                       # no protobuf, or a proto this version cannot read: stay exact
+        return False
+    ns, ts = m.normalizer_spec, m.trainer_spec
+    if ts.model_type != pb.TrainerSpec.BPE or ts.treat_whitespace_as_suffix:
+        return False
+    if ns.name != "identity" or ns.precompiled_charsmap or ns.normalization_rule_tsv:
+        return False
+    if not ns.add_dummy_prefix or ns.remove_extra_whitespaces or not ns.escape_whitespaces:
+        return False
+    return not any(_SPACE in p.piece.lstrip(_SPACE) for p in m.pieces)
+
+
+class SegmentEncoder:
+    """``encode(texts)`` -> ids per text, as ``SentencePieceProcessor.encode(texts)`` gives them."""
+
+    def __init__(self, sp):
+        self._sp = sp
+        self._space_id = sp.piece_to_id(_SPACE)
+        self._cache: dict = {"": [self._space_id]}
+        self.hits = 0
+        self.misses = 0
+
+    def _segments(self, text: str) -> list:
+        """What to give ``encode`` for each segment of `text`: the first segment, then each later one without its
+        first space (``""`` for a lone trailing space: the cache holds ``[id("▁")]`` for it)."""
+        if not text:
+            return []
+        if "  " not in text and _SPACE not in text and text[0] != " ":
+            return text.split(" ")                # single spaces only: the words themselves
+        segs = _SEGMENT.findall(text)
+        return segs[:1] + [s[1:] for s in segs[1:]]
+
+    def encode(self, texts: Sequence[str]) -> List[List[int]]:
+        cache = self._cache
+        segss = [self._segments(t) for t in texts]
+        todo = {s: None for segs in segss for s in segs if s not in cache}
+        if len(cache) + len(todo) > MAX_CACHE:     # start afresh (bounded memory), with this batch's segments
+            cache.clear()
+            cache[""] = [self._space_id]
+            todo = {s: None for segs in segss for s in segs if s}
+        if todo:
+            keys = [k for k in todo if k]
+            cache.update(zip(keys, self._sp.encode(keys)))
+        self.misses += len(todo)
+        self.hits += sum(map(len, segss)) - len(todo)
+        get = cache.__getitem__
+        return [list(chain.from_iterable(map(get, segs))) for segs in segss]
+
+
+def segment_encoder(sp, proto: bytes) -> Optional[SegmentEncoder]:
+    """A SegmentEncoder for this model, or None when segment-wise encoding would not be exact."""
+    if not _exact_for(proto):
+        return None
+    enc = SegmentEncoder(sp)
+    if enc.encode(_PROBES) != sp.encode(_PROBES):
+        return None
+    enc._cache = {"": [enc._space_id]}
+    return enc
