@@ -7,7 +7,8 @@ Data: assets/data/alpaca_en_demo.json (999 Alpaca records) replicated to --recor
   FastChat: the same records converted to conversations by mindformers_sft.tools.alpaca_converter (not timed),
             then json.load + fastchat.train.train.preprocess with transformers' LlamaTokenizer(legacy=True),
             model_max_length = seq_length + 1, pad = unk (as FastChat's train.py sets up).
-Prints samples/s of both and the ratio. Not a test.
+Prints samples/s of both and the ratio, then checks (untimed) that every row of ours equals FastChat's token for
+token, input_ids and labels (the loss mask) both, and that the worker run gave the same rows. Not a test.
 
     .venv/bin/python bench/bench_preprocess.py --records 20000
 """
@@ -19,6 +20,8 @@ import os
 import sys
 import tempfile
 import time
+
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -45,11 +48,13 @@ def run_ours(path: str, seq_length: int, num_workers: int):
     opts = SFTOptions(seq_length=seq_length, template="vicuna_v1.1", data_format="alpaca", num_workers=num_workers,
                       truncation="cut")
     stats = Stats()
-    rows = 0
+    chunks = []
     with RejectLog(None, stats) as log:
         for chunk in iter_rows(path, tok, opts, stats, log):
-            rows += len(chunk)
-    return time.perf_counter() - t0, stats
+            chunks.append(chunk)
+    elapsed = time.perf_counter() - t0
+    rows = [r for c in chunks for r in c]
+    return elapsed, stats, {k: np.stack([r[k] for r in rows]) for k in ("input_ids", "labels")}
 
 
 def run_fastchat(conv_path: str, seq_length: int):
@@ -64,7 +69,20 @@ def run_fastchat(conv_path: str, seq_length: int):
     with open(conv_path, encoding="utf-8") as f:
         data = json.load(f)
     out = fct.preprocess([d["conversations"] for d in data], tok)
-    return time.perf_counter() - t0, int(out["input_ids"].shape[0])
+    return time.perf_counter() - t0, {k: out[k].numpy() for k in ("input_ids", "labels")}
+
+
+def compare(ours: dict, theirs: dict) -> str:
+    """Rows of ours equal to FastChat's in both input_ids and labels, e.g. '20000/20000'; SystemExit if not all."""
+    if ours["input_ids"].shape != theirs["input_ids"].shape:
+        raise SystemExit(f"row shapes differ: ours {ours['input_ids'].shape}, FastChat {theirs['input_ids'].shape}")
+    same = np.ones(len(ours["input_ids"]), dtype=bool)
+    for k in ("input_ids", "labels"):
+        same &= (ours[k] == theirs[k]).all(axis=1)
+    if not same.all():
+        bad = np.flatnonzero(~same)
+        raise SystemExit(f"{len(bad)} rows differ from FastChat's (first: row {bad[0]})")
+    return f"{int(same.sum())}/{len(same)}"
 
 
 def main(argv=None):
@@ -80,25 +98,28 @@ def main(argv=None):
         path = make_data(args.records, d)
         print(f"data: {args.records} Alpaca records ({os.path.getsize(path) / 1e6:.1f} MB), seq_length "
               f"{args.seq_length}, Llama-2 tokenizer, vicuna_v1.1", flush=True)
-        t1, stats = run_ours(path, args.seq_length, 1)
+        t1, stats, rows = run_ours(path, args.seq_length, 1)
         ours = args.records / t1
         print(f"ours (1 process):   {t1:7.2f} s  {ours:9.0f} samples/s   [{stats.line()}]", flush=True)
         best = ours
         if args.num_workers > 1:
-            tk, stats_k = run_ours(path, args.seq_length, args.num_workers)
+            tk, _, rows_k = run_ours(path, args.seq_length, args.num_workers)
             best = max(best, args.records / tk)
             print(f"ours ({args.num_workers} workers):  {tk:7.2f} s  {args.records / tk:9.0f} samples/s", flush=True)
+            if not all(np.array_equal(rows[k], rows_k[k]) for k in rows):
+                raise SystemExit(f"the {args.num_workers}-worker run gave other rows than the 1-process run")
         if args.skip_fastchat:
             return 0
         from mindformers_sft.tools.alpaca_converter import convert
         conv = os.path.join(d, "conversations.json")
         with open(os.devnull, "w") as null:
             convert(path, conv, log=null)
-        tf, n = run_fastchat(conv, args.seq_length)
-        fc = n / tf
+        tf, theirs = run_fastchat(conv, args.seq_length)
+        fc = len(theirs["input_ids"]) / tf
         print(f"FastChat preprocess: {tf:7.2f} s  {fc:9.0f} samples/s", flush=True)
         print(f"ratio ours/FastChat: {ours / fc:.1f}x (1 process)"
-              + (f", {best / fc:.1f}x (best)" if best != ours else ""))
+              + (f", {best / fc:.1f}x (best)" if best != ours else ""), flush=True)
+        print(f"rows equal to FastChat's (input_ids and labels): {compare(rows, theirs)}")
     return 0
 
 
