@@ -247,6 +247,7 @@ class Engine:
         positions = np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)
         logits, cache = self.model.forward_with_cache(ids, None, key_mask=mask, position_ids=positions, last_only=True)
         last = logits.asnumpy()[:, -1].astype(np.float32)
+        mask = mask[:, width - cache.length:]      # a prefill may drop leading columns that only padding uses
         self._merge(new, cache, mask, np.array(lens, dtype=np.int32))
         self._advance(last, first=len(self.rows) - len(new))
 

@@ -131,13 +131,18 @@ class CausalLM(nn.Cell):
         """key_mask: bool (B, cache length + s), False at (left-)padding keys, which no query sees;
         position_ids: int (B, s) rotary positions per row (default: cache length + arange(s));
         last_only: only the last position's logits are needed ((B, 1, V) may be returned; numpy inputs without
-        a cache then run as one compiled graph per shape, decode_graph.prefill).
+        a cache then run as the fused CPU step (fused_decode.prefill) or one compiled graph per shape
+        (decode_graph.prefill)).
         One token per row after a cache runs as the fused CPU decode step (fused_decode.py; the returned cache is
         then a HostKVCache) where it applies, else as decode_graph's compiled step."""
         if (last_only and cache is None and key_mask is not None and position_ids is not None
-                and not isinstance(input_ids, Tensor) and decode_graph.enabled()):
-            return decode_graph.prefill(self, np.asarray(input_ids, np.int32), np.asarray(key_mask, np.bool_),
-                                        np.asarray(position_ids, np.int32))
+                and not isinstance(input_ids, Tensor)):
+            out = fused_decode.prefill(self, input_ids, key_mask, position_ids)
+            if out is not None:
+                return out
+            if decode_graph.enabled():
+                return decode_graph.prefill(self, np.asarray(input_ids, np.int32), np.asarray(key_mask, np.bool_),
+                                            np.asarray(position_ids, np.int32))
         if cache is not None and np.shape(input_ids)[1] == 1:     # one token per row: the fused step, or a graph
             out = fused_decode.decode(self, input_ids, cache, key_mask, position_ids)
             if out is not None:

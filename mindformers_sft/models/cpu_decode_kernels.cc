@@ -1,6 +1,7 @@
-// The fused decode step (models/fused_decode.py): one new token per row through the WHOLE decoder in one kernel
-// call -- embedding, every layer (RMSNorm, q/k/v projections with optional bias, LoRA and per-head q/k RMSNorm,
-// rotary embedding, grouped-query attention over the KV cache, output projection, SwiGLU MLP) and the logits.
+// The fused decode step (models/fused_decode.py): the new tokens of every row (one per decode step, or whole
+// left-padded prompts at prefill) through the WHOLE decoder in one kernel call -- embedding, every layer (RMSNorm,
+// q/k/v projections with optional bias, LoRA and per-head q/k RMSNorm, rotary embedding, grouped-query attention
+// over the KV cache, output projection, SwiGLU MLP) and the logits.
 // Compiled after cpu_kernels.cc (CPU_SOURCE_FILES), so it uses that file's parallel_for, is_f32, is_i32.
 //
 // Why one kernel: a decode step of a small model is ~100 tiny ops; MindSpore spends ~40 us launching each on CPU,
@@ -8,8 +9,10 @@
 // token's k and v are written in place into the host KV cache (column T of every layer), every projection is one
 // (B x K) . (N x K)^T product over all rows (weights read once per step).
 //
-// Inputs: tokens int32 (B,), positions int32 (B,), key mask bool (B, T + 1) (column T: the new token; False hides
-// a key), table int64 (see the k* constants below, written by fused_decode.DecodePlan). Output: logits fp32 (B, V).
+// Inputs: tokens int32 (B, S), positions int32 (B, S), key mask bool (B, T + S) (T: the cache's length; columns
+// T.. are the new tokens, each seeing the columns up to its own; False hides a key), table int64 (see the k*
+// constants below, written by fused_decode.DecodePlan). Output: logits fp32 (B, 1, V) of each row's last token.
+// S = 1 is a decode step; S > 1 with T = 0 is a prefill of (left-padded) prompts.
 #include <cmath>
 
 namespace decode {
@@ -53,8 +56,8 @@ inline float dot(const float *x, const float *w, int64_t k) {
   return s;
 }
 
-// y[r * ldy + n] (+)= x[r * K ..] . w[n * K ..] (+ bias[n]) for r < R, n < N; rows of w read once for all R rows,
-// four at a time (four independent sums per row of x: fewer loads of x, no dependency chain)
+// y[r * ldy + n] (+)= x[r * K ..] . w[n * K ..] (+ bias[n]) for r < R, n < N: tiles of 4 rows of x by 4 rows of w
+// (16 independent sums over k: each loaded vector is used four times), a block of 16 rows of w per task
 void matmul_t(const float *x, int64_t R, int64_t K, const float *w, int64_t N, const float *bias, float *y,
               int64_t ldy, bool accumulate) {
   constexpr int64_t kBlock = 16;
@@ -64,12 +67,33 @@ void matmul_t(const float *x, int64_t R, int64_t K, const float *w, int64_t N, c
     y[r * ldy + n] = accumulate ? y[r * ldy + n] + v : v;
   };
   parallel_for(blocks, [&](int64_t blk) {
-    const int64_t n1 = std::min(N, (blk + 1) * kBlock);
-    int64_t n = blk * kBlock;
-    for (; n + 4 <= n1; n += 4) {
-      const float *w0 = w + n * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
-      for (int64_t r = 0; r < R; ++r) {
-        const float *xr = x + r * K;
+    const int64_t n0 = blk * kBlock, n1 = std::min(N, n0 + kBlock);
+    int64_t r = 0;
+    for (; r + 4 <= R; r += 4) {
+      const float *__restrict x0 = x + r * K, *__restrict x1 = x0 + K, *__restrict x2 = x1 + K,
+                  *__restrict x3 = x2 + K;
+      int64_t n = n0;
+      for (; n + 4 <= n1; n += 4) {
+        const float *__restrict w0 = w + n * K, *__restrict w1 = w0 + K, *__restrict w2 = w1 + K,
+                    *__restrict w3 = w2 + K;
+        float s[4][4] = {};
+        for (int64_t k = 0; k < K; ++k) {
+          const float a[4] = {x0[k], x1[k], x2[k], x3[k]}, b[4] = {w0[k], w1[k], w2[k], w3[k]};
+          for (int i = 0; i < 4; ++i)
+            for (int j = 0; j < 4; ++j) s[i][j] += a[i] * b[j];
+        }
+        for (int i = 0; i < 4; ++i)
+          for (int j = 0; j < 4; ++j) put(r + i, n + j, s[i][j]);
+      }
+      for (; n < n1; ++n)
+        for (int i = 0; i < 4; ++i) put(r + i, n, dot(x + (r + i) * K, w + n * K, K));
+    }
+    for (; r < R; ++r) {        // the last R % 4 rows (all rows of a decode step with fewer than 4 sequences)
+      const float *__restrict xr = x + r * K;
+      int64_t n = n0;
+      for (; n + 4 <= n1; n += 4) {
+        const float *__restrict w0 = w + n * K, *__restrict w1 = w0 + K, *__restrict w2 = w1 + K,
+                    *__restrict w3 = w2 + K;
         float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
         for (int64_t k = 0; k < K; ++k) {
           const float xv = xr[k];
@@ -83,9 +107,8 @@ void matmul_t(const float *x, int64_t R, int64_t K, const float *w, int64_t N, c
         put(r, n + 2, s2);
         put(r, n + 3, s3);
       }
+      for (; n < n1; ++n) put(r, n, dot(xr, w + n * K, K));
     }
-    for (; n < n1; ++n)
-      for (int64_t r = 0; r < R; ++r) put(r, n, dot(x + r * K, w + n * K, K));
   }, R * N * K >= kMinThreadedWork ? R * N * K : 0);
 }
 
@@ -110,32 +133,37 @@ void rms_norm(const float *x, const float *w, float eps, int64_t n, float *y) {
 // softmax attention of `rep` query heads (head r at q + r * q_step) over n keys/values (rows of D) with an additive
 // mask (0 or -inf); outputs (rep, D) contiguous at out. DD > 0: the head dim known at compile time (unrolled)
 template <int DD>
-void attend_group_d(const float *q, int64_t q_step, int64_t rep, const float *ks, const float *vs, const float *mb,
-                    int64_t n, int64_t d_rt, float scale, float *out) {
+void attend_group_d(const float *q, int64_t q_step, int64_t rep, const float *__restrict ks,
+                    const float *__restrict vs, const float *mb, int64_t n, int64_t d_rt, float scale, float *out) {
   const int64_t D = DD > 0 ? DD : d_rt;
-  std::vector<float> p(n);
+  std::vector<float> p(n), acc_rt(DD > 0 ? 0 : D);
+  float acc_ct[DD > 0 ? DD : 1];
+  float *__restrict acc = DD > 0 ? acc_ct : acc_rt.data();   // the output row, kept in registers when DD > 0
   for (int64_t r = 0; r < rep; ++r) {
-    const float *qr = q + r * q_step;
+    const float *__restrict qr = q + r * q_step;
     float m = -INFINITY;
     for (int64_t j = 0; j < n; ++j) {
-      const float *kj = ks + j * D;
-      float acc = 0.f;
-      for (int64_t i = 0; i < D; ++i) acc += qr[i] * kj[i];
-      p[j] = acc * scale + mb[j];
+      const float *__restrict kj = ks + j * D;
+      float dotv = 0.f;
+      for (int64_t i = 0; i < D; ++i) dotv += qr[i] * kj[i];
+      p[j] = dotv * scale + mb[j];
       m = std::max(m, p[j]);
     }
-    float sum = 0.f;
-    for (int64_t j = 0; j < n; ++j) {
-      p[j] = fexp(p[j] - m);      // exactly 0 at a hidden key (-inf)
-      sum += p[j];
+    for (int64_t i = 0; i < D; ++i) acc[i] = 0.f;
+    if (m != -INFINITY) {           // every key hidden (a left-padding token): zeros, never NaN
+      float sum = 0.f;
+      for (int64_t j = 0; j < n; ++j) {
+        p[j] = fexp(p[j] - m);      // exactly 0 at a hidden key (-inf)
+        sum += p[j];
+      }
+      const float inv = 1.0f / sum;
+      for (int64_t j = 0; j < n; ++j) {
+        const float pj = p[j] * inv;
+        const float *__restrict vj = vs + j * D;
+        for (int64_t i = 0; i < D; ++i) acc[i] += pj * vj[i];
+      }
     }
-    const float inv = 1.0f / sum;
-    float *o = out + r * D;
-    std::fill(o, o + D, 0.f);
-    for (int64_t j = 0; j < n; ++j) {
-      const float pj = p[j] * inv, *vj = vs + j * D;
-      for (int64_t i = 0; i < D; ++i) o[i] += pj * vj[i];
-    }
+    std::memcpy(out + r * D, acc, D * sizeof(float));
   }
 }
 
@@ -153,30 +181,33 @@ void attend_group(const float *q, int64_t q_step, int64_t rep, const float *ks, 
 
 int step(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
   if (nparam != 5 || !is_i32(dtypes[0]) || !is_i32(dtypes[1]) || std::strcmp(dtypes[2], "bool") != 0 ||
-      std::strcmp(dtypes[3], "int64") != 0 || !is_f32(dtypes[4]) || ndims[2] != 2)
+      std::strcmp(dtypes[3], "int64") != 0 || !is_f32(dtypes[4]) || ndims[0] != 2 || ndims[1] != 2 || ndims[2] != 2)
     return 1;
   const int32_t *tokens = (const int32_t *)params[0], *positions = (const int32_t *)params[1];
   const bool *keymask = (const bool *)params[2];
   const int64_t *t = (const int64_t *)params[3];
   float *logits = (float *)params[4];
-  const int64_t B = shapes[0][0], T = shapes[2][1] - 1;
+  const int64_t B = shapes[0][0], S = shapes[0][1], TS = shapes[2][1], T = TS - S, R = B * S;
   const int64_t L = t[kLayers], H = t[kHidden], NQ = t[kHeads], NKV = t[kKvHeads], D = t[kHeadDim],
                 I = t[kInter], V = t[kVocab], qkv_mode = t[kQkvMode], mlp_mode = t[kMlpMode], C = t[kCapacity];
   const float eps = f32_of(t[kEps]);
-  if (shapes[2][0] != B || t[kCacheRows] != B || T >= C || D % 2 || NQ % NKV) return 2;
+  if (shapes[1][0] != B || shapes[1][1] != S || shapes[2][0] != B || t[kCacheRows] != B || T < 0 || TS > C ||
+      D % 2 || NQ % NKV)
+    return 2;
   const int64_t rep = NQ / NKV, QKV = (NQ + 2 * NKV) * D, QD = NQ * D;
   const float *embed = (const float *)t[kEmbed], *inv_freq = (const float *)t[kInvFreq];
   float *cache = (float *)t[kCache];   // (L, 2, B, NKV, C, D)
 
-  std::vector<float> x(B * H), xn(B * H), qkv(B * QKV), o(B * QD), gu(B * 2 * I), act(B * I), tmp;
-  std::vector<float> cosv(B * D / 2), sinv(B * D / 2), bias(B * (T + 1));
-  for (int64_t i = 0; i < B * (T + 1); ++i) bias[i] = keymask[i] ? 0.f : -INFINITY;   // (B, T + 1) additive mask
-  for (int64_t b = 0; b < B; ++b) {
-    std::memcpy(&x[b * H], embed + (int64_t)tokens[b] * H, H * sizeof(float));
+  // rows r = b * S + s: the s-th new token of sequence b, at cache column T + s
+  std::vector<float> x(R * H), xn(R * H), qkv(R * QKV), o(R * QD), gu(R * 2 * I), act(R * I), tmp;
+  std::vector<float> cosv(R * D / 2), sinv(R * D / 2), bias(B * TS);
+  for (int64_t i = 0; i < B * TS; ++i) bias[i] = keymask[i] ? 0.f : -INFINITY;   // (B, T + S) additive mask
+  for (int64_t r = 0; r < R; ++r) {
+    std::memcpy(&x[r * H], embed + (int64_t)tokens[r] * H, H * sizeof(float));
     for (int64_t i = 0; i < D / 2; ++i) {
-      const float f = (float)positions[b] * inv_freq[i];
-      cosv[b * D / 2 + i] = std::cos(f);
-      sinv[b * D / 2 + i] = std::sin(f);
+      const float f = (float)positions[r] * inv_freq[i];
+      cosv[r * D / 2 + i] = std::cos(f);
+      sinv[r * D / 2 + i] = std::sin(f);
     }
   }
   // offsets of q head h, k head g, v head g inside a row of qkv
@@ -184,23 +215,25 @@ int step(int nparam, void **params, int *ndims, int64_t **shapes, const char **d
   auto k_off = [&](int64_t g) { return qkv_mode == 2 ? g * (rep + 2) * D + rep * D : QD + g * D; };
   auto v_off = [&](int64_t g) { return qkv_mode == 2 ? g * (rep + 2) * D + (rep + 1) * D : QD + NKV * D + g * D; };
   const float scale = 1.0f / std::sqrt((float)D);
+  const int64_t attn_work = R * NQ * (T + S) * D * 2;
 
   for (int64_t l = 0; l < L; ++l) {
     const int64_t *lt = t + kHeader + l * kPerLayer;
     auto lin = [&](int which) { return linear_at(lt + kLin0 + which * kLin); };
-    for (int64_t b = 0; b < B; ++b) rms_norm(&x[b * H], (const float *)lt[kAttnNorm], eps, H, &xn[b * H]);
+    for (int64_t r = 0; r < R; ++r) rms_norm(&x[r * H], (const float *)lt[kAttnNorm], eps, H, &xn[r * H]);
     if (qkv_mode == 0) {
-      apply(lin(kQ), xn.data(), B, H, QD, qkv.data(), QKV, false, tmp);
-      apply(lin(kK), xn.data(), B, H, NKV * D, qkv.data() + QD, QKV, false, tmp);
-      apply(lin(kV), xn.data(), B, H, NKV * D, qkv.data() + QD + NKV * D, QKV, false, tmp);
+      apply(lin(kQ), xn.data(), R, H, QD, qkv.data(), QKV, false, tmp);
+      apply(lin(kK), xn.data(), R, H, NKV * D, qkv.data() + QD, QKV, false, tmp);
+      apply(lin(kV), xn.data(), R, H, NKV * D, qkv.data() + QD + NKV * D, QKV, false, tmp);
     } else {
-      apply(lin(kQ), xn.data(), B, H, QKV, qkv.data(), QKV, false, tmp);
+      apply(lin(kQ), xn.data(), R, H, QKV, qkv.data(), QKV, false, tmp);
     }
     const float *qn = (const float *)lt[kQNorm], *kn = (const float *)lt[kKNorm];
     float *kc = cache + (l * 2) * B * NKV * C * D, *vc = cache + (l * 2 + 1) * B * NKV * C * D;
-    for (int64_t b = 0; b < B; ++b) {
-      float *row = &qkv[b * QKV];
-      const float *cs = &cosv[b * D / 2], *sn = &sinv[b * D / 2];
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t b = r / S, col = T + r % S;
+      float *row = &qkv[r * QKV];
+      const float *cs = &cosv[r * D / 2], *sn = &sinv[r * D / 2];
       auto rope = [&](float *v, const float *norm) {
         if (norm) rms_norm(v, norm, eps, D, v);
         for (int64_t i = 0; i < D / 2; ++i) {
@@ -212,35 +245,36 @@ int step(int nparam, void **params, int *ndims, int64_t **shapes, const char **d
       for (int64_t h = 0; h < NQ; ++h) rope(row + q_off(h), qn);
       for (int64_t g = 0; g < NKV; ++g) {
         rope(row + k_off(g), kn);
-        std::memcpy(kc + ((b * NKV + g) * C + T) * D, row + k_off(g), D * sizeof(float));
-        std::memcpy(vc + ((b * NKV + g) * C + T) * D, row + v_off(g), D * sizeof(float));
+        std::memcpy(kc + ((b * NKV + g) * C + col) * D, row + k_off(g), D * sizeof(float));
+        std::memcpy(vc + ((b * NKV + g) * C + col) * D, row + v_off(g), D * sizeof(float));
       }
     }
-    // attention: one task per (row, kv head) serves its `rep` query heads (each key and value row loaded once)
-    parallel_for(B * NKV, [&](int64_t task) {
-      const int64_t b = task / NKV, g = task % NKV;
-      const float *q = &qkv[b * QKV + q_off(g * rep)];
-      const int64_t q_step = qkv_mode == 2 ? D : q_off(1) - q_off(0);
-      attend_group(q, q_step, rep, kc + (b * NKV + g) * C * D, vc + (b * NKV + g) * C * D, &bias[b * (T + 1)],
-                   T + 1, D, scale, &o[b * QD + g * rep * D]);
-    }, B * NQ * (T + 1) * D * 2 >= kMinThreadedWork ? B * NQ * (T + 1) * D * 2 : 0);
-    apply(lin(kO), o.data(), B, QD, H, x.data(), H, true, tmp);
-    for (int64_t b = 0; b < B; ++b) rms_norm(&x[b * H], (const float *)lt[kFfnNorm], eps, H, &xn[b * H]);
+    // attention: one task per (row, kv head) serves its `rep` query heads (each key and value row loaded once);
+    // token s of sequence b sees cache columns [0, T + s] where its key mask is true
+    parallel_for(R * NKV, [&](int64_t task) {
+      const int64_t r = task / NKV, g = task % NKV, b = r / S, s = r % S;
+      attend_group(&qkv[r * QKV + q_off(g * rep)], D, rep, kc + (b * NKV + g) * C * D, vc + (b * NKV + g) * C * D,
+                   &bias[b * TS], T + s + 1, D, scale, &o[r * QD + g * rep * D]);
+    }, attn_work >= kMinThreadedWork ? attn_work : 0);
+    apply(lin(kO), o.data(), R, QD, H, x.data(), H, true, tmp);
+    for (int64_t r = 0; r < R; ++r) rms_norm(&x[r * H], (const float *)lt[kFfnNorm], eps, H, &xn[r * H]);
     if (mlp_mode == 0) {
-      apply(lin(kGate), xn.data(), B, H, I, gu.data(), 2 * I, false, tmp);
-      apply(lin(kUp), xn.data(), B, H, I, gu.data() + I, 2 * I, false, tmp);
+      apply(lin(kGate), xn.data(), R, H, I, gu.data(), 2 * I, false, tmp);
+      apply(lin(kUp), xn.data(), R, H, I, gu.data() + I, 2 * I, false, tmp);
     } else {
-      apply(lin(kGate), xn.data(), B, H, 2 * I, gu.data(), 2 * I, false, tmp);
+      apply(lin(kGate), xn.data(), R, H, 2 * I, gu.data(), 2 * I, false, tmp);
     }
-    for (int64_t b = 0; b < B; ++b)
+    for (int64_t r = 0; r < R; ++r)
       for (int64_t i = 0; i < I; ++i) {
-        const float g = gu[b * 2 * I + (mlp_mode == 2 ? 2 * i : i)];
-        const float u = gu[b * 2 * I + (mlp_mode == 2 ? 2 * i + 1 : I + i)];
-        act[b * I + i] = g / (1.0f + std::exp(-g)) * u;
+        const float g = gu[r * 2 * I + (mlp_mode == 2 ? 2 * i : i)];
+        const float u = gu[r * 2 * I + (mlp_mode == 2 ? 2 * i + 1 : I + i)];
+        act[r * I + i] = g / (1.0f + std::exp(-g)) * u;
       }
-    apply(lin(kDown), act.data(), B, I, H, x.data(), H, true, tmp);
+    apply(lin(kDown), act.data(), R, I, H, x.data(), H, true, tmp);
   }
-  for (int64_t b = 0; b < B; ++b) rms_norm(&x[b * H], (const float *)t[kFinalNorm], eps, H, &xn[b * H]);
+  // logits of each sequence's last new token
+  for (int64_t b = 0; b < B; ++b)
+    rms_norm(&x[(b * S + S - 1) * H], (const float *)t[kFinalNorm], eps, H, &xn[b * H]);
   matmul_t(xn.data(), B, H, (const float *)t[kOutput], V, nullptr, logits, V, false);
   return 0;
 }

@@ -120,7 +120,8 @@ class DecodePlan:
         self._layout = layout          # keeps every parameter read through the table alive
 
     def run(self, op, tokens: np.ndarray, positions: np.ndarray, key_mask: np.ndarray, cache: HostKVCache):
-        """Logits (B, 1, V) fp32 Tensor of one step; appends the step's k, v to `cache` in place (column length)."""
+        """Logits (B, 1, V) fp32 Tensor of each row's last token; tokens, positions (B, S), key_mask (B, length + S);
+        appends the S new columns of k, v to `cache` in place (columns length .. length + S - 1)."""
         t = self.table.copy()
         t[_CACHE], t[_CAPACITY], t[_CACHE_ROWS] = cache.data.ctypes.data, cache.capacity, cache.rows
         return op(Tensor(tokens), Tensor(positions), Tensor(key_mask), Tensor(t))
@@ -151,6 +152,28 @@ def plan_for(model) -> Optional[DecodePlan]:
         return None
 
 
+# a prefill of more tokens than this (rows x width) runs as decode_graph's compiled graph (MindSpore's matmuls)
+MAX_PREFILL_TOKENS = 4096
+
+
+def prefill(model, input_ids: np.ndarray, key_mask: np.ndarray, position_ids: np.ndarray):
+    """Left-padded prompts (B, S) int32, key_mask (B, S) bool (False at padding), position_ids (B, S) -> (logits of
+    the last position (B, 1, V) fp32 Tensor, HostKVCache of the used columns), or None when the fused step does
+    not apply (the caller then uses decode_graph.prefill). Leading columns that only padding uses are dropped."""
+    keys = np.asarray(key_mask, np.bool_)
+    start = int(np.argmax(keys.any(0))) if keys.any() else 0
+    ids = np.ascontiguousarray(np.asarray(input_ids, np.int32)[:, start:])
+    if ids.size > MAX_PREFILL_TOKENS:
+        return None
+    plan = plan_for(model)
+    if plan is None:
+        return None
+    cache = HostKVCache.empty(plan, ids.shape[0], 0, ids.shape[1])
+    logits = plan.run(_op(model), ids, np.ascontiguousarray(np.asarray(position_ids, np.int32)[:, start:]),
+                      np.ascontiguousarray(keys[:, start:]), cache)
+    return logits, HostKVCache(cache.data, ids.shape[1], plan)
+
+
 def decode(model, input_ids, cache, key_mask=None, position_ids=None):
     """One token per row (input_ids (B, 1)) after `cache` (a KVCache from a prefill, or the HostKVCache of the
     previous fused step); key_mask (B, length + 1) bool or None, position_ids (B, 1) or None as
@@ -163,7 +186,7 @@ def decode(model, input_ids, cache, key_mask=None, position_ids=None):
         if plan is None:
             return None
         cache = HostKVCache.from_cache(cache, plan)
-    ids = np.ascontiguousarray(_numpy(input_ids, np.int32).reshape(-1))
+    ids = np.ascontiguousarray(_numpy(input_ids, np.int32).reshape(-1, 1))
     b, t = ids.shape[0], cache.length
     if cache.capacity <= t:
         cache = cache.with_capacity(capacity_for(t + 1))
@@ -172,9 +195,9 @@ def decode(model, input_ids, cache, key_mask=None, position_ids=None):
     else:
         keys = np.ascontiguousarray(_numpy(key_mask, np.bool_)[:, :t + 1])
     if position_ids is None:
-        positions = np.full(b, t, dtype=np.int32)
+        positions = np.full((b, 1), t, dtype=np.int32)
     else:
-        positions = np.ascontiguousarray(_numpy(position_ids, np.int32).reshape(-1))
+        positions = np.ascontiguousarray(_numpy(position_ids, np.int32).reshape(-1, 1))
     logits = plan.run(_op(model), ids, positions, keys, cache)
     return logits, HostKVCache(cache.data, t + 1, plan)     # shares the array (the new column is written in it)
 
@@ -183,5 +206,6 @@ def _numpy(x, dtype):
     return np.asarray(x.asnumpy() if isinstance(x, Tensor) else x, dtype=dtype)
 
 
-__all__ = ["DecodeLayout", "LayerWeights", "DecodePlan", "SEPARATE", "FUSED", "INTERLEAVED", "decode", "plan_for",
+__all__ = ["DecodeLayout", "LayerWeights", "DecodePlan", "SEPARATE", "FUSED", "INTERLEAVED", "decode", "prefill",
+           "plan_for",
            "enabled", "KVCache"]

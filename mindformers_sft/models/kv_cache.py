@@ -78,8 +78,9 @@ class HostKVCache:
         return self.data.shape[2]
 
     @classmethod
-    def empty(cls, plan, rows: int, length: int) -> "HostKVCache":
-        shape = (plan.n_layers, 2, rows, plan.n_kv, capacity_for(length + 1), plan.head_dim)
+    def empty(cls, plan, rows: int, length: int, room: int = 1) -> "HostKVCache":
+        """Zeros with capacity for `length` + `room` columns."""
+        shape = (plan.n_layers, 2, rows, plan.n_kv, capacity_for(length + room), plan.head_dim)
         return cls(np.zeros(shape, dtype=np.float32), length, plan)
 
     @classmethod

@@ -218,10 +218,10 @@ async def _collect(req, ts, raw: Request):
     """Wait for the whole answer; a client that goes away cancels it."""
     async def watch():
         while True:
-            await asyncio.sleep(0.5)
             if await raw.is_disconnected():
                 req.cancel()
                 return
+            await asyncio.sleep(0.05)
     watcher = asyncio.create_task(watch())
     try:
         async for _ in _tokens(req, ts):

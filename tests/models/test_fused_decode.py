@@ -1,8 +1,8 @@
-"""The fused CPU decode step (models/fused_decode.py + cpu_decode_kernels.cc) against transformers: every decode
-step's logits of a left-padded batch equal transformers' full forward at the same positions (Llama, Llama-3 rope,
-Qwen2 with qkv bias, Qwen3 in all three weight layouts, tied and untied), also past the first cache capacity
-(256 columns), with LoRA adapters (reference: transformers with the merged weights), and the families it does not
-serve (MoE, bf16 weights) fall back to the compiled decode graph."""
+"""The fused CPU decode step (models/fused_decode.py + cpu_decode_kernels.cc) against transformers: the logits of
+the fused prefill and of every decode step of a left-padded batch equal transformers' full forward at the same
+positions (Llama, Llama-3 rope, Qwen2 with qkv bias, Qwen3 in all three weight layouts, tied and untied), also past
+the first cache capacity (256 columns) and with LoRA adapters (reference: transformers with the merged weights);
+the families it does not serve (MoE, bf16 weights) fall back to the compiled decode graph."""
 import os
 
 import numpy as np
@@ -37,16 +37,19 @@ def _hf_step_logits(hf, rows, n_new):
     return out[:, width - n_new - 1:]
 
 
-def _ours_step_logits(model, rows, n_new):
-    """Prefill the rows without their last n_new tokens (left-padded), then feed those tokens one step at a time."""
+def _ours_step_logits(model, rows, n_new, fused_prefill=True):
+    """Prefill the rows without their last n_new tokens (left-padded, two extra padding columns), then feed those
+    tokens one step at a time. fused_prefill: the prefill is the fused step too (last_only), else layer by layer."""
     prompts = [r[:len(r) - n_new] for r in rows]
-    width = max(map(len, prompts))
+    width = max(map(len, prompts)) + 2
     ids = np.zeros((len(rows), width), np.int32)
     mask = np.zeros((len(rows), width), bool)
     for i, p in enumerate(prompts):
         ids[i, width - len(p):], mask[i, width - len(p):] = p, True
     pos = np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)
-    logits, cache = model.forward_with_cache(ids, None, key_mask=mask, position_ids=pos)
+    logits, cache = model.forward_with_cache(ids, None, key_mask=mask, position_ids=pos, last_only=fused_prefill)
+    assert isinstance(cache, HostKVCache) == fused_prefill
+    mask = mask[:, width - cache.length:]       # the fused prefill drops the columns only padding uses
     out = [logits.asnumpy()[:, -1]]
     next_pos = pos[:, -1] + 1
     for j in range(n_new):
@@ -64,10 +67,10 @@ def _rows(vocab, lengths, seed=0):
     return [rng.integers(3, vocab, n).tolist() for n in lengths]
 
 
-def _check(model, hf, vocab, lengths=(12, 17, 8), n_new=6, atol=1e-4):
+def _check(model, hf, vocab, lengths=(12, 17, 8), n_new=6, atol=1e-4, fused_prefill=True):
     rows = _rows(vocab, lengths)
-    np.testing.assert_allclose(_ours_step_logits(model, rows, n_new), _hf_step_logits(hf, rows, n_new),
-                               atol=atol, rtol=0)
+    np.testing.assert_allclose(_ours_step_logits(model, rows, n_new, fused_prefill),
+                               _hf_step_logits(hf, rows, n_new), atol=atol, rtol=0)
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +79,9 @@ def stories():
             transformers.LlamaForCausalLM.from_pretrained(STORIES, dtype=torch.float32).eval())
 
 
-def test_llama_stories260k_steps_equal_transformers(stories):
-    _check(*stories, vocab=512)
+@pytest.mark.parametrize("fused_prefill", [True, False])
+def test_llama_stories260k_steps_equal_transformers(stories, fused_prefill):
+    _check(*stories, vocab=512, fused_prefill=fused_prefill)
 
 
 def test_cache_growing_past_its_capacity(stories):

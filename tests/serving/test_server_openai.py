@@ -115,16 +115,37 @@ def test_errors_api_key_and_disconnect(client, server):
 
     body = {"model": name, "messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 400,
             "temperature": 0, "stream": True, "ignore_eos": True}
+
+    def busy():
+        """7 other clients with long answers: the engine steps a full batch while the 8th client goes away (a
+        decode step of the tiny model alone is too fast for a disconnect to land mid-answer)."""
+        ts = [threading.Thread(target=httpx.post, args=(url + "/v1/chat/completions",),
+                               kwargs=dict(json={**body, "stream": False}, headers=auth, timeout=300))
+              for _ in range(7)]
+        for t in ts:
+            t.start()
+        for _ in range(300):
+            if health()["running"] >= 7:
+                break
+            threading.Event().wait(0.01)
+        return ts
+
     before = health()["cancelled"]
+    others = busy()
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, headers=auth, timeout=60) as r:
         lines = r.iter_lines()
         got = [next(lines) for _ in range(6)]
         assert any(line.startswith("data: {") for line in got)
-        assert health()["running"] == 1
+        assert health()["running"] == 8
+    for t in others:
+        t.join()
     h = settled(before)
     assert (h["running"], h["waiting"], h["cancelled"]) == (0, 0, before + 1)
+    others = busy()
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(url + "/v1/chat/completions", json={**body, "stream": False}, headers=auth, timeout=1.5)
+        httpx.post(url + "/v1/chat/completions", json={**body, "stream": False}, headers=auth, timeout=0.05)
+    for t in others:
+        t.join()
     h = settled(before + 1)
     assert (h["running"], h["waiting"], h["cancelled"]) == (0, 0, before + 2)
     assert _chat(client, name, QUESTIONS[1]).choices[0].message.content
