@@ -76,14 +76,20 @@ void matmul_t(const float *x, int64_t R, int64_t K, const float *w, int64_t N, c
       for (; n + 4 <= n1; n += 4) {
         const float *__restrict w0 = w + n * K, *__restrict w1 = w0 + K, *__restrict w2 = w1 + K,
                     *__restrict w3 = w2 + K;
-        float s[4][4] = {};
+        // 16 sums, each vectorized over k by the compiler (written out: a 4x4 array would be vectorized over i, j)
+        float s00 = 0.f, s01 = 0.f, s02 = 0.f, s03 = 0.f, s10 = 0.f, s11 = 0.f, s12 = 0.f, s13 = 0.f;
+        float s20 = 0.f, s21 = 0.f, s22 = 0.f, s23 = 0.f, s30 = 0.f, s31 = 0.f, s32 = 0.f, s33 = 0.f;
         for (int64_t k = 0; k < K; ++k) {
-          const float a[4] = {x0[k], x1[k], x2[k], x3[k]}, b[4] = {w0[k], w1[k], w2[k], w3[k]};
-          for (int i = 0; i < 4; ++i)
-            for (int j = 0; j < 4; ++j) s[i][j] += a[i] * b[j];
+          const float a0 = x0[k], a1 = x1[k], a2 = x2[k], a3 = x3[k], b0 = w0[k], b1 = w1[k], b2 = w2[k], b3 = w3[k];
+          s00 += a0 * b0, s01 += a0 * b1, s02 += a0 * b2, s03 += a0 * b3;
+          s10 += a1 * b0, s11 += a1 * b1, s12 += a1 * b2, s13 += a1 * b3;
+          s20 += a2 * b0, s21 += a2 * b1, s22 += a2 * b2, s23 += a2 * b3;
+          s30 += a3 * b0, s31 += a3 * b1, s32 += a3 * b2, s33 += a3 * b3;
         }
+        const float sums[4][4] = {{s00, s01, s02, s03}, {s10, s11, s12, s13}, {s20, s21, s22, s23},
+                                  {s30, s31, s32, s33}};
         for (int i = 0; i < 4; ++i)
-          for (int j = 0; j < 4; ++j) put(r + i, n + j, s[i][j]);
+          for (int j = 0; j < 4; ++j) put(r + i, n + j, sums[i][j]);
       }
       for (; n < n1; ++n)
         for (int i = 0; i < 4; ++i) put(r + i, n, dot(x + (r + i) * K, w + n * K, K));
