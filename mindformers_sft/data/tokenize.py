@@ -167,9 +167,9 @@ class SFTEncoder:
         return pieces
 
     # -- assembling ------------------------------------------------------------------------------------------------
-    def _byte_boundary(self, text: str, a: int, b: int, p: int, full: list):
+    def _byte_boundary(self, text: str, a: int, b: int, p: int, full: np.ndarray):
         """(tokens left of char p, straddles) in the chunk text[a:b] from token byte lengths."""
-        lens = self._table[np.asarray(full, dtype=np.int64)]
+        lens = self._table[full]
         if lens.size == 0 or (lens < 0).any():
             raise _Fallback()
         ends = np.cumsum(lens)
@@ -182,18 +182,20 @@ class SFTEncoder:
         return n, not clean
 
     def _assemble(self, pieces, spans, enc, prepend_bos: bool, text: str = ""):
-        """Token ids and [start, end) token spans of the assistant turns."""
-        ids: list = [self.bos_id] if prepend_bos else []
+        """Token ids (int32 array) and [start, end) token spans of the assistant turns; `enc`: int32 arrays."""
+        parts = [np.array([self.bos_id], dtype=np.int32)] if prepend_bos else []
+        size = len(parts)
         at = {}                                  # char position -> (token index, straddles)
         for piece in pieces:
             if piece[0] == "s":
                 _, tid, s, e = piece
-                at.setdefault(s, (len(ids), False))
-                ids.append(tid)
-                at[e] = (len(ids), False)
+                at.setdefault(s, (size, False))
+                parts.append(np.array([tid], dtype=np.int32))
+                size += 1
+                at[e] = (size, False)
             else:
                 _, a, b, k, inner = piece
-                base = len(ids)
+                base = size
                 at.setdefault(a, (base, False))
                 full = enc[k]
                 for p, kp in inner:
@@ -202,10 +204,12 @@ class SFTEncoder:
                         at[p] = (base + n, straddle)
                     else:
                         pre = enc[kp]
-                        n = _lcp(full, pre)
+                        n = _lcp(full.tolist(), pre.tolist())
                         at[p] = (base + n, n < len(pre))
-                ids.extend(full)
-                at[b] = (len(ids), False)
+                parts.append(full)
+                size += len(full)
+                at[b] = (size, False)
+        ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
         tok_spans = []
         for s, e in spans:
             ts, _ = at.get(s, (None, False))
@@ -215,18 +219,17 @@ class SFTEncoder:
             tok_spans.append((ts, te + 1 if straddle else te))
         return ids, tok_spans
 
-    def _finish(self, ids: list, tok_spans, loc: Location) -> Sample:
+    def _finish(self, ids: np.ndarray, tok_spans, loc: Location) -> Sample:
         n = len(ids)
         keep, label_spans, truncated = fit(n, list(tok_spans), self.max_len, self.truncation,
                                            last_first=self.mask_history)
-        arr = np.asarray(ids, dtype=np.int32)
+        arr = ids
         if self.train_on_prompt:
             labels = arr.copy()
         else:
-            sup = np.zeros(n, dtype=bool)
+            labels = np.full(n, IGNORE_INDEX, dtype=np.int32)
             for ts, te in (label_spans[-1:] if self.mask_history else label_spans):
-                sup[ts:te] = True
-            labels = np.where(sup, arr, np.int32(IGNORE_INDEX)).astype(np.int32)
+                labels[ts:te] = arr[ts:te]
         if isinstance(keep, int):
             arr, labels = arr[:keep], labels[:keep]
         else:
@@ -256,7 +259,7 @@ class SFTEncoder:
             for i in todo:
                 r = rendered[i][2]
                 plans.append(self._plan(r.text, r.spans, strings, fast=fast))
-            enc = self.tokenizer.encode_batch(strings) if strings else []
+            enc = self._encode(strings)
             retry = []
             for i, pieces in zip(todo, plans):
                 r = rendered[i][2]
@@ -278,6 +281,15 @@ class SFTEncoder:
         rejects.sort(key=lambda x: x[0])
         return samples, [(loc, reason) for _, loc, reason in rejects]
 
+    def _encode(self, strings: list) -> list:
+        """Token ids of each string (no bos/eos) as int32 arrays, in one batch."""
+        if not strings:
+            return []
+        as_arrays = getattr(self.tokenizer, "encode_batch_arrays", None)
+        if as_arrays is not None:
+            return as_arrays(strings)
+        return [np.asarray(ids, dtype=np.int32) for ids in self.tokenizer.encode_batch(strings)]
+
     def _probe_fast_path(self):
         """Use byte offsets only if they place the boundaries of a few awkward conversations exactly where
         prefix tokenization does."""
@@ -297,19 +309,19 @@ class SFTEncoder:
             for fast in (True, False):
                 strings = []
                 pieces = self._plan(r.text, r.spans, strings, fast=fast)
-                enc = self.tokenizer.encode_batch(strings) if strings else []
+                enc = self._encode(strings)
                 self._table = table
                 try:
                     outs.append(self._assemble(pieces, r.spans, enc, r.prepend_bos, r.text))
                 except _Fallback:
                     outs.append(None)
-            if outs[0] is not None and outs[0] != outs[1]:
+            if outs[0] is not None and (outs[0][0].tolist(), outs[0][1]) != (outs[1][0].tolist(), outs[1][1]):
                 return None
         return table
 
     def _check(self, r, ids):
         whole = ([self.bos_id] if r.prepend_bos else []) + self.tokenizer.encode(r.text)
-        if whole != ids:
+        if whole != ids.tolist():
             raise DataError(f"tokenizer {getattr(self.tokenizer, 'name_or_path', '')!r}: tokenizing the rendered "
                             "conversation piece by piece (split at special tokens) differs from tokenizing it "
                             "whole; this tokenizer's special tokens strip whitespace or are not split first, "

@@ -23,6 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import numpy as np
 import sentencepiece as spm
 
 from mindformers_sft.errors import ConfigError
@@ -257,6 +258,16 @@ class SentencePieceTokenizer(Tokenizer):
                         k += 1
             out.append(pre + ids + post if (pre or post) else ids)
         return out
+
+    def encode_batch_arrays(self, texts: Sequence[str]) -> list:
+        """``encode_batch(texts)`` (no bos/eos) as int32 numpy arrays, without Python lists on the word-cache path
+        (texts holding added tokens go through ``encode_batch``)."""
+        texts = texts if isinstance(texts, list) else list(texts)
+        pattern = self._split_re
+        if self._segments is None or not all(isinstance(t, str) for t in texts) or (
+                pattern is not None and any(pattern.search(t) is not None for t in texts)):
+            return [np.asarray(ids, dtype=np.int32) for ids in self.encode_batch(texts)]
+        return self._segments.encode_arrays(texts)
 
     # -- decoding --------------------------------------------------------------------------------------------------
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:

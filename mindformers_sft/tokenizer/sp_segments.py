@@ -21,6 +21,8 @@ import re
 from itertools import chain
 from typing import List, Optional, Sequence
 
+import numpy as np
+
 _SPACE = "\u2581"
 _SEGMENT = re.compile(r"[ \u2581]*[^ \u2581]+|[ \u2581]+\Z")   # a literal "▁" in the text is a space too
 _PROBES = [
@@ -29,7 +31,7 @@ _PROBES = [
     "ASSISTANT: Sure.", "USER: Hi ASSISTANT:", "\u2581already escaped \u2581\u2581", "e\u0301 \u200b zero",
     "\u2581 ", "x\u2581 \u00a0", "a \u2581\u2581 b\u2581", "\ufeff\u00a0 . \r\n",
 ]
-MAX_CACHE = 1 << 18
+MAX_CACHE = 1 << 18                        # segments held (then the pool starts afresh)
 
 
 def _exact_for(proto: bytes) -> bool:
@@ -51,18 +53,36 @@ def _exact_for(proto: bytes) -> bool:
 
 
 class SegmentEncoder:
-    """``encode(texts)`` -> ids per text, as ``SentencePieceProcessor.encode(texts)`` gives them."""
+    """``encode(texts)`` -> ids per text, as ``SentencePieceProcessor.encode(texts)`` gives them; ``encode_arrays``
+    the same as int32 arrays. The ids of every segment seen live in one flat int32 pool (``_start``/``_len`` per
+    segment), so a batch is assembled by numpy gathers, not Python lists."""
 
     def __init__(self, sp):
         self._sp = sp
         self._space_id = sp.piece_to_id(_SPACE)
-        self._cache: dict = {"": [self._space_id]}
+        self._reset()
         self.hits = 0
         self.misses = 0
 
+    def _reset(self):
+        self._index: dict = {"": 0}                 # segment -> its row in the pool ("": a lone trailing space)
+        self._tokens = np.array([self._space_id], dtype=np.int32)
+        self._start = np.zeros(1, dtype=np.int64)
+        self._len = np.ones(1, dtype=np.int64)
+
+    def _add(self, keys: list):
+        encoded = self._sp.encode(keys)
+        lens = np.fromiter(map(len, encoded), dtype=np.int64, count=len(keys))
+        flat = np.fromiter(chain.from_iterable(encoded), dtype=np.int32, count=int(lens.sum()))
+        base = len(self._index)
+        self._index.update(zip(keys, range(base, base + len(keys))))
+        self._start = np.concatenate([self._start, len(self._tokens) + np.cumsum(lens) - lens])
+        self._len = np.concatenate([self._len, lens])
+        self._tokens = np.concatenate([self._tokens, flat])
+
     def _segments(self, text: str) -> list:
         """What to give ``encode`` for each segment of `text`: the first segment, then each later one without its
-        first space (``""`` for a lone trailing space: the cache holds ``[id("▁")]`` for it)."""
+        first space (``""`` for a lone trailing space: the pool holds ``[id("▁")]`` for it)."""
         if not text:
             return []
         if "  " not in text and _SPACE not in text and text[0] != " ":
@@ -70,21 +90,34 @@ class SegmentEncoder:
         segs = _SEGMENT.findall(text)
         return segs[:1] + [s[1:] for s in segs[1:]]
 
-    def encode(self, texts: Sequence[str]) -> List[List[int]]:
-        cache = self._cache
+    def encode_arrays(self, texts: Sequence[str]) -> List[np.ndarray]:
+        if not texts:
+            return []
         segss = [self._segments(t) for t in texts]
-        todo = {s: None for segs in segss for s in segs if s not in cache}
-        if len(cache) + len(todo) > MAX_CACHE:     # start afresh (bounded memory), with this batch's segments
-            cache.clear()
-            cache[""] = [self._space_id]
+        index = self._index
+        todo = {s: None for segs in segss for s in segs if s not in index}
+        if len(index) + len(todo) > MAX_CACHE:     # start afresh (bounded memory), with this batch's segments
+            self._reset()
             todo = {s: None for segs in segss for s in segs if s}
         if todo:
-            keys = [k for k in todo if k]
-            cache.update(zip(keys, self._sp.encode(keys)))
+            self._add(list(todo))
+        index = self._index
+        counts = np.fromiter(map(len, segss), dtype=np.int64, count=len(segss))
+        n = int(counts.sum())
         self.misses += len(todo)
-        self.hits += sum(map(len, segss)) - len(todo)
-        get = cache.__getitem__
-        return [list(chain.from_iterable(map(get, segs))) for segs in segss]
+        self.hits += n - len(todo)
+        rows = np.fromiter(map(index.__getitem__, chain.from_iterable(segss)), dtype=np.int64, count=n)
+        lens = self._len[rows]
+        ends = np.cumsum(lens)
+        total = int(ends[-1]) if n else 0
+        # token k of the batch is pool[start of its segment + (k - where its segment begins in the batch)]
+        tokens = self._tokens[np.arange(total) + np.repeat(self._start[rows] - (ends - lens), lens)]
+        seg_ends = np.cumsum(counts)
+        text_ends = np.concatenate([[0], ends])[seg_ends]
+        return np.split(tokens, text_ends[:-1])
+
+    def encode(self, texts: Sequence[str]) -> List[List[int]]:
+        return [a.tolist() for a in self.encode_arrays(texts)]
 
 
 def segment_encoder(sp, proto: bytes) -> Optional[SegmentEncoder]:
@@ -94,5 +127,5 @@ def segment_encoder(sp, proto: bytes) -> Optional[SegmentEncoder]:
     enc = SegmentEncoder(sp)
     if enc.encode(_PROBES) != sp.encode(_PROBES):
         return None
-    enc._cache = {"": [enc._space_id]}
+    enc._reset()
     return enc

@@ -35,6 +35,8 @@ def test_segments_equal_sentencepiece(monkeypatch):
     assert seg.encode(texts) == ref
     assert seg.encode(texts) == ref                        # second pass: all from the cache
     assert seg.hits > seg.misses > 0
+    arrays = tok.encode_batch_arrays(texts)
+    assert all(a.dtype.name == "int32" for a in arrays) and [a.tolist() for a in arrays] == ref
     # a small cache that is cleared between (and within) batches gives the same ids
     monkeypatch.setattr(sp_segments, "MAX_CACHE", 40)
     out = []
