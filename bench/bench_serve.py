@@ -74,8 +74,11 @@ def main():
         todo = list(range(len(questions)))
         lock = threading.Lock()
 
-        def worker():
-            c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
+        # each client thread gets its own client, made before the clock starts (as the single client was)
+        clients = [openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
+                   for _ in range(a.clients)]
+
+        def worker(c):
             while True:
                 with lock:
                     if not todo:
@@ -83,7 +86,7 @@ def main():
                     i = todo.pop(0)
                 results[i] = ask(c, questions[i])
 
-        threads = [threading.Thread(target=worker) for _ in range(a.clients)]
+        threads = [threading.Thread(target=worker, args=(c,)) for c in clients]
         t = time.perf_counter()
         for th in threads:
             th.start()
