@@ -18,7 +18,8 @@ an inner ``▁`` after another character; it also checks a set of awkward probe 
 from __future__ import annotations
 
 import re
-from itertools import chain
+from itertools import chain, compress, repeat
+from operator import is_
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -94,22 +95,26 @@ class SegmentEncoder:
         if not texts:
             return []
         segss = [self._segments(t) for t in texts]
-        index = self._index
-        todo = {s: None for segs in segss for s in segs if s not in index}
-        if len(index) + len(todo) > MAX_CACHE:     # start afresh (bounded memory), with this batch's segments
-            self._reset()
-            todo = {s: None for segs in segss for s in segs if s}
-        if todo:
-            self._add(list(todo))
-        index = self._index
+        flat = list(chain.from_iterable(segss))
+        rows = list(map(self._index.get, flat))
+        added = 0
+        if None in rows:                            # segments not seen yet: encode them once, then look up again
+            todo = set(compress(flat, map(is_, rows, repeat(None))))
+            if len(self._index) + len(todo) > MAX_CACHE:    # pool full: start afresh with this batch's segments
+                self._reset()
+                todo = set(flat)
+                todo.discard("")
+            added = len(todo)
+            if todo:
+                self._add(sorted(todo))
+            rows = list(map(self._index.__getitem__, flat))
+        self.misses += added
+        self.hits += len(flat) - added
+        rows = np.array(rows, dtype=np.int64)
         counts = np.fromiter(map(len, segss), dtype=np.int64, count=len(segss))
-        n = int(counts.sum())
-        self.misses += len(todo)
-        self.hits += n - len(todo)
-        rows = np.fromiter(map(index.__getitem__, chain.from_iterable(segss)), dtype=np.int64, count=n)
         lens = self._len[rows]
         ends = np.cumsum(lens)
-        total = int(ends[-1]) if n else 0
+        total = int(ends[-1]) if len(ends) else 0
         # token k of the batch is pool[start of its segment + (k - where its segment begins in the batch)]
         tokens = self._tokens[np.arange(total) + np.repeat(self._start[rows] - (ends - lens), lens)]
         seg_ends = np.cumsum(counts)
