@@ -18,7 +18,7 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from . import kernels
-from .kv_cache import MIN_CAPACITY, KVCache, capacity_for  # noqa: F401  (re-exported)
+from .kv_cache import MIN_CAPACITY, KVCache, capacity_for, power_of_two_at_least  # noqa: F401  (re-exported)
 
 
 def enabled() -> bool:
@@ -103,10 +103,7 @@ MIN_PREFILL = 32
 
 def prefill_width(length: int) -> int:
     """Columns a batch of prompts is left-padded to for the compiled prefill: a power of two >= MIN_PREFILL."""
-    c = MIN_PREFILL
-    while c < length:
-        c *= 2
-    return c
+    return power_of_two_at_least(length, MIN_PREFILL)
 
 
 class PrefillGraph(nn.Cell):

@@ -11,12 +11,17 @@ from mindspore import Tensor, ops
 MIN_CAPACITY = 256
 
 
-def capacity_for(length: int) -> int:
-    """Columns a static cache gets for `length` tokens: a power of two >= MIN_CAPACITY (few distinct shapes)."""
-    c = MIN_CAPACITY
+def power_of_two_at_least(length: int, smallest: int) -> int:
+    """The smallest power-of-two multiple of `smallest` that is >= length (few distinct shapes)."""
+    c = smallest
     while c < length:
         c *= 2
     return c
+
+
+def capacity_for(length: int) -> int:
+    """Columns a static cache gets for `length` tokens: a power of two >= MIN_CAPACITY."""
+    return power_of_two_at_least(length, MIN_CAPACITY)
 
 
 class KVCache:
