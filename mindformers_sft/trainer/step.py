@@ -11,6 +11,13 @@ update, which is applied inside the graph only when the grad norm and the loss a
 micro-batch without data parallelism is a single graph. The host sleeps while a graph runs (until its completion
 signal with our CPU kernels, kernels.CompletionSignal) instead of spinning in MindSpore's wait, which on a
 machine with few cores takes a core from the kernels it waits for.
+
+Supervised rows only (CPU kernels, models whose loss is the plain token cross-entropy): the logits head and the
+cross-entropy run on the positions whose target is supervised, gathered on the host's list (`supervised_rows`),
+not on every position: prompt and padding positions carry no loss, and the head (hidden x vocab) is the largest
+matmul of a small model. The list is padded to a multiple of ROW_BUCKET of the positions (ignored targets): at most
+1/ROW_BUCKET graph shapes are compiled (a dynamic row axis would need shape inference our fused kernels do not
+have). Same loss and gradients up to float summation order.
 """
 from __future__ import annotations
 
@@ -25,6 +32,31 @@ from ..errors import TrainingError
 from ..models import kernels
 
 BATCH_KEYS = ("input_ids", "labels", "position_ids", "segment_ids")
+ROW_BUCKET = 0.25       # supervised-row lists are padded to a multiple of this fraction of the batch's positions
+
+
+def supervised_rows(input_ids, labels, ignore_id, bucket=ROW_BUCKET):
+    """(rows, targets) int32 (K,): the flat indices into the (B, S) model positions (input_ids[:, :-1]) whose target
+    (labels[:, 1:], or input_ids[:, 1:]) is not `ignore_id`, and those targets; K is rounded up to a multiple of
+    `bucket` x B x S (at least one bucket, at most B x S) with padding rows 0 whose target is `ignore_id`."""
+    targets = np.asarray(labels if labels is not None else input_ids)[:, 1:].reshape(-1)
+    rows = np.flatnonzero(targets != ignore_id).astype(np.int32)
+    step = max(1, -(-int(bucket * targets.size * 1024) // 1024))
+    k = min(targets.size, max(step, -(-rows.size // step) * step))
+    out_rows = np.zeros(k, np.int32)
+    out_targets = np.full(k, ignore_id, np.int32)
+    out_rows[:rows.size] = rows
+    out_targets[:rows.size] = targets[rows]
+    return out_rows, out_targets
+
+
+def selects_rows(model) -> bool:
+    """Whether the head may run on the supervised rows only: our CPU kernels, the plain CausalLM loss (a model with
+    a loss of its own, e.g. MoE's aux loss, keeps the full path), no semi-auto sharding of the logits."""
+    from ..models.causal_lm import CausalLM
+    if not getattr(model, "cpu_kernel", False) or type(model).loss_sum_and_count is not CausalLM.loss_sum_and_count:
+        return False
+    return ms.get_auto_parallel_context("parallel_mode") in ("stand_alone", "data_parallel")
 
 
 class StepResult(dict):
@@ -49,7 +81,9 @@ class TrainStep:
         self._signal = kernels.completion_signal() if jit else None
         self._graph_time = {}    # compiled function -> durations (s) of its last runs
         self._compiled = set()
-        grad_fn = ms.value_and_grad(self._scaled_loss_sum, None, self.weights, has_aux=True)
+        self._rows = selects_rows(model)
+        loss_fn = self._rows_loss_sum if self._rows else self._scaled_loss_sum
+        grad_fn = ms.value_and_grad(loss_fn, None, self.weights, has_aux=True)
 
         def micro(scale, *batch):
             (loss, count), grads = grad_fn(scale, *batch)
@@ -79,6 +113,16 @@ class TrainStep:
 
     def _scaled_loss_sum(self, scale, input_ids, labels, position_ids=None, segment_ids=None):
         s, n = self.model.loss_sum_and_count(input_ids, labels, position_ids, segment_ids)
+        return s * scale, n
+
+    def _rows_loss_sum(self, scale, rows, row_targets, input_ids, position_ids=None, segment_ids=None):
+        """_scaled_loss_sum with the head and cross-entropy on the given flat rows only (supervised_rows)."""
+        m = self.model
+        tokens = input_ids[:, :-1]
+        position_ids, mask = m._inputs(tokens, position_ids, segment_ids)
+        h = m._decoder(tokens, position_ids, mask)
+        h = ops.gather(ops.reshape(h, (-1, h.shape[-1])), rows, 0)
+        s, n = m._ce_sum_and_count(ops.expand_dims(h, 0), ops.expand_dims(row_targets, 0))
         return s * scale, n
 
     def _finish(self, grads, inv_tokens, lr, loss_finite):
@@ -137,7 +181,12 @@ class TrainStep:
         scale_t = Tensor(scale, ms.float32)
         batches = []
         for mb in micro_batches:
-            args = [Tensor(mb[k]) if mb.get(k) is not None else None for k in BATCH_KEYS]
+            keys = BATCH_KEYS
+            if self._rows:     # (rows, targets, input_ids, position_ids, segment_ids): see _rows_loss_sum
+                rows, targets = supervised_rows(mb["input_ids"], mb.get("labels"), self.model.ignore_token_id)
+                mb = dict(mb, rows=rows, row_targets=targets)
+                keys = ("rows", "row_targets", "input_ids", "position_ids", "segment_ids")
+            args = [Tensor(mb[k]) if mb.get(k) is not None else None for k in keys]
             while args and args[-1] is None:
                 args.pop()
             batches.append(args)
