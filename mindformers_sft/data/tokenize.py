@@ -59,19 +59,16 @@ def byte_length_table(tokenizer) -> Optional[np.ndarray]:
     specials = set((getattr(tokenizer, "special_tokens", {}) or {}).values())
     unk = getattr(tokenizer, "unk_token_id", None)
     n = int(tokenizer.vocab_size)
-    table = np.full(n, -1, dtype=np.int64)
-    for i in range(n):
-        if i in specials or i == unk:
-            continue
-        t = tokenizer.id_to_token(i)
-        if t is None:
-            continue
-        if byte_level:
-            table[i] = len(t)
-        elif _BYTE_PIECE.match(t):
-            table[i] = 1
-        else:
-            table[i] = len(t.replace("\u2581", " ").encode("utf-8"))
+    tokens = tokenizer.tokens() if hasattr(tokenizer, "tokens") else [tokenizer.id_to_token(i) for i in range(n)]
+    if byte_level:
+        lens = [-1 if t is None else len(t) for t in tokens]
+    else:
+        byte_piece = _BYTE_PIECE.match
+        lens = [-1 if t is None else 1 if byte_piece(t) else len(t.replace("\u2581", " ").encode("utf-8"))
+                for t in tokens]
+    table = np.array(lens, dtype=np.int64)
+    skip = [i for i in specials | {unk} if i is not None and 0 <= i < n]
+    table[skip] = -1
     return table
 
 IGNORE_INDEX = -100

@@ -167,6 +167,13 @@ class SentencePieceTokenizer(Tokenizer):
             return self._sp.id_to_piece(idx)
         return None
 
+    def tokens(self) -> list:
+        """``[id_to_token(i) for i in range(vocab_size)]``, read in one SentencePiece call."""
+        out = self._sp.id_to_piece(list(range(self._piece_size))) + [None] * (self.vocab_size - self._piece_size)
+        for idx, tok in self._added_rev.items():
+            out[idx] = tok
+        return out
+
     # -- encoding --------------------------------------------------------------------------------------------------
     def _plan(self, text: str) -> list:
         """HF slow-tokenizer splitting: chunks of text (str) and added-token ids (int), honouring l/rstrip."""

@@ -43,6 +43,8 @@ def test_segments_equal_sentencepiece(monkeypatch):
     for i in range(0, len(texts), 13):
         out += seg.encode(texts[i:i + 13])
     assert out == ref
+    # the whole vocabulary in one call, as SentencePiece names each id
+    assert tok.tokens() == [tok.sp_model.id_to_piece(i) for i in range(tok.sp_model.get_piece_size())]
     # through the tokenizer, with special tokens inside the texts
     mixed = [t + "</s>" + t[:7] + "<s>x" for t in texts[:500]]
     assert tok.encode_batch(mixed) == [tok.encode(t) for t in mixed]
