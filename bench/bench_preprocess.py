@@ -3,7 +3,9 @@
 Data: assets/data/alpaca_en_demo.json (999 Alpaca records) replicated to --records records (default 100k).
   ours:     raw Alpaca JSON -> Stanford Alpaca prompt (alpaca_converter's) -> vicuna_v1.1 -> Llama-2
             tokenizer.model -> masked rows of seq_length + 1 (mindformers_sft.data.pipeline.iter_rows: streaming
-            JSON reader, batched SentencePiece, numpy rows), in this process (and with --num_workers K).
+            JSON reader, batched SentencePiece word by word with a word cache (tokenizer/sp_segments.py), numpy
+            rows), in this process (and with --num_workers K). The records repeat every 999, so the word cache
+            hits more often than on a corpus of distinct records; --records 999 times distinct records only.
   FastChat: the same records converted to conversations by mindformers_sft.tools.alpaca_converter (not timed),
             then json.load + fastchat.train.train.preprocess with transformers' LlamaTokenizer(legacy=True),
             model_max_length = seq_length + 1, pad = unk (as FastChat's train.py sets up).

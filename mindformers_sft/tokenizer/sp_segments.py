@@ -35,7 +35,7 @@ _PROBES = [
 MAX_CACHE = 1 << 18                        # segments held (then the pool starts afresh)
 
 
-def _exact_for(proto: bytes) -> bool:
+def _exact_for(sp, proto: bytes) -> bool:
     """True when the model's settings make segment-wise encoding exact (see the module docstring)."""
     try:
         from sentencepiece import sentencepiece_model_pb2 as pb
@@ -50,7 +50,8 @@ def _exact_for(proto: bytes) -> bool:
         return False
     if not ns.add_dummy_prefix or ns.remove_extra_whitespaces or not ns.escape_whitespaces:
         return False
-    return not any(_SPACE in p.piece.lstrip(_SPACE) for p in m.pieces)
+    pieces = sp.id_to_piece(list(range(sp.get_piece_size())))     # one call (faster than the proto's pieces)
+    return not any(_SPACE in p.lstrip(_SPACE) for p in pieces)
 
 
 class SegmentEncoder:
@@ -127,7 +128,7 @@ class SegmentEncoder:
 
 def segment_encoder(sp, proto: bytes) -> Optional[SegmentEncoder]:
     """A SegmentEncoder for this model, or None when segment-wise encoding would not be exact."""
-    if not _exact_for(proto):
+    if not _exact_for(sp, proto):
         return None
     enc = SegmentEncoder(sp)
     if enc.encode(_PROBES) != sp.encode(_PROBES):
