@@ -3,7 +3,8 @@
 For a batch of Conversations, every rendering is cut at the tokenizer's special tokens (``</s>``, ``<|im_end|>``,
 ...): tokenizers split those out before anything else, so the text pieces between them tokenize independently
 and the special tokens map to their ids directly. All pieces of the whole batch go to the tokenizer in one
-``encode_batch`` call. A supervised span (see templates.py) that starts or ends inside a piece is located by
+``encode_batch_arrays`` call (int32 arrays; ``encode_batch`` for tokenizers without it), and samples are
+assembled from the arrays with numpy. A supervised span (see templates.py) that starts or ends inside a piece is located by
 also encoding the piece's text up to that point and taking the longest common token prefix with the piece's
 tokens; a token straddling the boundary (SentencePiece's ``▁Hello`` holding the space of ``ASSISTANT: `` and
 the first letter of the reply) belongs to the assistant span. For FastChat's vicuna template with the legacy
