@@ -85,13 +85,14 @@ def warmup_first(data, warmup):
 
     def k(b):
         return len(supervised_rows(b["input_ids"], b["labels"], -100)[0])
-    head, rest = list(data[:warmup]), list(data[warmup:])
+    head, rest = list(data[:warmup]), []
     seen = {k(b) for b in head}
-    for b in list(rest):
+    for b in data[warmup:]:
         if k(b) not in seen:
             seen.add(k(b))
             head.append(b)
-            rest.remove(b)
+        else:
+            rest.append(b)
     return head + rest, len(head)
 
 

@@ -51,20 +51,28 @@ int adamw_flat(int nparam, void **params, int *ndims, int64_t **shapes, const ch
   const bool apply = scal[5] != 0.0f;
   const float b1 = hyper[0], omb1 = hyper[1], b2 = hyper[2], omb2 = hyper[3], eps = hyper[4], wd = hyper[5];
   const float step_lr = lr / bc1, coef = lr * wd;
-  int64_t off = 0;
+  // (parameter, chunk) tasks of at most kChunk elements, on the kernel threads (elementwise: same numbers)
+  constexpr int64_t kChunk = 1 << 16;
+  std::vector<int64_t> offs(k + 1, 0), first(k + 1, 0);
   for (int t = 0; t < k; ++t) {
+    const int64_t n = numel(ndims[k + t], shapes[k + t]);
+    offs[t + 1] = offs[t] + n;
+    first[t + 1] = first[t] + (n + kChunk - 1) / kChunk;
+  }
+  parallel_for(first[k], [&](int64_t task) {
+    const int t = (int)(std::upper_bound(first.begin(), first.end(), task) - first.begin()) - 1;
     const float *g = (const float *)params[t], *p = (const float *)params[k + t];
     float *po = (float *)params[2 * k + 7 + t];
-    const int64_t n = numel(ndims[k + t], shapes[k + t]);
+    const int64_t n = offs[t + 1] - offs[t], off = offs[t];
+    const int64_t lo = (task - first[t]) * kChunk, hi = std::min(n, lo + kChunk);
     if (!apply) {
-      std::memcpy(po, p, n * sizeof(float));
-      std::memcpy(mo + off, m + off, n * sizeof(float));
-      std::memcpy(vo + off, v + off, n * sizeof(float));
-      off += n;
-      continue;
+      std::memcpy(po + lo, p + lo, (hi - lo) * sizeof(float));
+      std::memcpy(mo + off + lo, m + off + lo, (hi - lo) * sizeof(float));
+      std::memcpy(vo + off + lo, v + off + lo, (hi - lo) * sizeof(float));
+      return;
     }
     const bool decay = decays[t] != 0.0f && wd > 0.0f;
-    for (int64_t i = 0; i < n; ++i) {
+    for (int64_t i = lo; i < hi; ++i) {
       const float gi = (g[i] * inv) * factor;
       float pi = p[i];
       if (decay) pi = pi - coef * pi;
@@ -75,8 +83,7 @@ int adamw_flat(int nparam, void **params, int *ndims, int64_t **shapes, const ch
       mo[off + i] = mi;
       vo[off + i] = vi;
     }
-    off += n;
-  }
+  }, offs[k]);
   return 0;
 }
 

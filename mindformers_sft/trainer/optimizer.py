@@ -7,7 +7,8 @@ The learning rate is passed in on every step (the schedule lives on the host), s
 only its moments and step count, all of which are saved for exact resume.
 
 Flat mode: when the trainable parameters are all fp32 and small in total (LoRA adapters, small models: at most
-FLAT_MAX elements), the moments live in two flat fp32 vectors and the update runs on the concatenated
+FLAT_MAX elements), or of any size with our fused CPU kernels (one kernel updates them all in place of a graph of a
+dozen ops per parameter, which on a 135M model took minutes and gigabytes to compile), the moments live in two flat fp32 vectors and the update runs on the concatenated
 gradients and parameters (split back and assigned): the same elementwise arithmetic in a handful of kernels
 instead of a dozen per parameter, which is what a step costs on CPU when the parameters are many and small.
 Checkpointed state is the same either way (`adam_m.<name>`, `adam_v.<name>`, `global_step`).
@@ -49,7 +50,10 @@ class AdamW(nn.Cell):
         self.weight_decay = float(weight_decay)
         self.global_step = Parameter(Tensor(0, ms.int32), name="global_step", requires_grad=False)
         self.sizes = tuple(int(np.prod(p.shape)) for p in self.params)
-        self.flat = (0 < sum(self.sizes) <= FLAT_MAX) and all(p.dtype == ms.float32 for p in self.params)
+        all32 = all(p.dtype == ms.float32 for p in self.params)
+        # with our CPU kernels the flat update is one kernel whatever the size (no concatenated copies); the
+        # per-parameter graph it replaces compiles slowly and keeps several temporaries per parameter alive
+        self.flat = all32 and 0 < sum(self.sizes) and (sum(self.sizes) <= FLAT_MAX or kernels.cpu_kernels())
         if self.flat:
             n = sum(self.sizes)
             self.exp_avg_flat = Parameter(Tensor(np.zeros(n, np.float32)), name="adam_m_flat", requires_grad=False)
