@@ -4,6 +4,9 @@
 // fixed-head_dim SIMD path is cpu_attention_simd_kernels.cc (compiled after this file).
 // Compiled as one translation unit after cpu_kernels.cc (models/kernels.py joins the sources in the order of
 // CPU_SOURCE_FILES), so it uses that file's includes and helpers: parallel_for, n_threads, fexp, is_f32, is_i32.
+#include <memory>
+#include <unordered_map>
+
 namespace {
 
 struct Dims {
@@ -27,31 +30,71 @@ Dims dims_of(int64_t **shapes, bool bsnd) {
   return m;
 }
 
-// Keys row i may see: those j < jend[i]; `exact` when k positions are sorted (then every j < jend[i] passes the
-// position test); otherwise each key is tested. Segments are compared per key when they are not all equal.
+// Keys query i of row b may see: j in [jbeg[b * S + i], jend[i]). jend: those j with k position <= q position
+// (`exact` when k positions are sorted: then every j < jend[i] passes the position test; otherwise each key is
+// tested). jbeg: the first key of the query's segment in row b (keys before it are in other segments, masked
+// anyway: skipping them changes no result); 0 where the row's segments are all equal (useg[b] false) or the
+// segment has no key. Segments are compared per key where useg[b].
+// The work of a (batch, kv head) is split in `nblk` blocks of query rows of about equal work (the keys they see),
+// so that few (batch, kv head) pairs (a flat packed sequence: B = 1) still keep every thread busy; blocks holds
+// row b's nblk + 1 query-row boundaries at b * (nblk + 1). nblk depends on the shapes only, not on the thread count.
+constexpr int64_t kAttnTasks = 16;  // (batch, kv head, block) tasks aimed at
+
 struct Visibility {
-  std::vector<int64_t> jend;
+  std::vector<int64_t> jend, jbeg, blocks;
+  std::vector<char> useg;
+  int64_t S = 0, nblk = 1;
   bool exact = true;
-  Visibility(const int32_t *qpos, const int32_t *kpos, int64_t S, int64_t T) : jend(S) {
+  Visibility(const int32_t *qpos, const int32_t *kpos, const int32_t *qseg, const int32_t *kseg, int64_t B,
+             int64_t S_, int64_t T, int64_t NK)
+      : jend(S_), jbeg(B * S_, 0), useg(B, 0), S(S_) {
     for (int64_t j = 1; j < T; ++j)
       if (kpos[j] < kpos[j - 1]) exact = false;
     for (int64_t i = 0; i < S; ++i) {
+      if (exact) {
+        jend[i] = std::upper_bound(kpos, kpos + T, qpos[i]) - kpos;
+        continue;
+      }
       int64_t e = 0;
       for (int64_t j = 0; j < T; ++j)
         if (kpos[j] <= qpos[i]) e = j + 1;
       jend[i] = e;
     }
+    for (int64_t b = 0; b < B; ++b) {
+      const int32_t *qs = qseg + b * S, *ks = kseg + b * T;
+      const int32_t v = S > 0 ? qs[0] : (T > 0 ? ks[0] : 0);
+      bool u = false;
+      for (int64_t i = 0; i < S && !u; ++i) u = qs[i] != v;
+      for (int64_t j = 0; j < T && !u; ++j) u = ks[j] != v;
+      useg[b] = u;
+      if (!u) continue;
+      std::unordered_map<int32_t, int64_t> first;
+      for (int64_t j = T - 1; j >= 0; --j) first[ks[j]] = j;
+      for (int64_t i = 0; i < S; ++i) {
+        const auto f = first.find(qs[i]);
+        jbeg[b * S + i] = f == first.end() ? 0 : std::min(f->second, jend[i]);
+      }
+    }
+    const int64_t tasks = std::max<int64_t>(1, B * NK);
+    nblk = tasks >= kAttnTasks ? 1 : std::min((kAttnTasks + tasks - 1) / tasks, std::max<int64_t>(1, S / 16));
+    blocks.assign(B * (nblk + 1), S);
+    for (int64_t b = 0; b < B; ++b) {
+      int64_t *bl = blocks.data() + b * (nblk + 1);
+      bl[0] = 0;
+      if (nblk == 1) continue;
+      double total = 0.0;
+      for (int64_t i = 0; i < S; ++i) total += (double)(jend[i] - jbeg[b * S + i] + 8);
+      double acc = 0.0;
+      int64_t k = 1;
+      for (int64_t i = 0; i < S && k < nblk; ++i) {
+        acc += (double)(jend[i] - jbeg[b * S + i] + 8);
+        while (k < nblk && acc >= total * (double)k / (double)nblk) bl[k++] = i + 1;
+      }
+    }
   }
+  int64_t begin(int64_t b, int64_t i) const { return jbeg[b * S + i]; }
+  const int64_t *block(int64_t b) const { return blocks.data() + b * (nblk + 1); }
 };
-
-bool seg_uniform(const int32_t *qs, const int32_t *ks, int64_t S, int64_t T) {
-  const int32_t v = S > 0 ? qs[0] : (T > 0 ? ks[0] : 0);
-  for (int64_t i = 0; i < S; ++i)
-    if (qs[i] != v) return false;
-  for (int64_t j = 0; j < T; ++j)
-    if (ks[j] != v) return false;
-  return true;
-}
 
 // y = x * cos + rotate_half(x) * sin  (rotate_half(x) = cat(-x[h:], x[:h]))
 inline void rope(const float *x, const float *c, const float *s, float *y, int64_t D) {
@@ -80,20 +123,21 @@ void load_kv(const float *k, const float *v, const float *kc, const float *ks, c
   }
 }
 
-// s[j] = qs . k_j for j < jend (qs already scaled); masked keys -> -inf; returns the number of visible keys
-inline int64_t row_scores(const float *qs, const float *KT, int64_t D, int64_t T, int64_t jend, float *__restrict s,
-                          bool exact, const int32_t *kpos, int32_t qp, bool useg, const int32_t *kseg, int32_t qsg) {
-  for (int64_t j = 0; j < jend; ++j) s[j] = 0.0f;
+// s[j] = qs . k_j for jb <= j < jend (qs already scaled); masked keys -> -inf; returns the number of visible keys
+inline int64_t row_scores(const float *qs, const float *KT, int64_t D, int64_t T, int64_t jb, int64_t jend,
+                          float *__restrict s, bool exact, const int32_t *kpos, int32_t qp, bool useg,
+                          const int32_t *kseg, int32_t qsg) {
+  for (int64_t j = jb; j < jend; ++j) s[j] = 0.0f;
   for (int64_t d = 0; d < D; ++d) {
     const float qd = qs[d];
     const float *__restrict kt = KT + d * T;
-    for (int64_t j = 0; j < jend; ++j) s[j] += qd * kt[j];
+    for (int64_t j = jb; j < jend; ++j) s[j] += qd * kt[j];
   }
-  int64_t vis = jend;
+  int64_t vis = jend - jb;
   if (!exact || useg) {
     const float ninf = -std::numeric_limits<float>::infinity();
     vis = 0;
-    for (int64_t j = 0; j < jend; ++j) {
+    for (int64_t j = jb; j < jend; ++j) {
       const bool ok = (exact || kpos[j] <= qp) && (!useg || kseg[j] == qsg);
       s[j] = ok ? s[j] : ninf;
       vis += ok;
@@ -143,23 +187,23 @@ int attn_fwd(int nparam, void **params, int64_t **shapes, const char **dtypes, b
   const Dims m = dims_of(shapes, bsnd);
   if (m.NK <= 0 || m.NQ % m.NK || m.D % 2) return 2;
   const float scale = a.scale[0];
-  const Visibility vis(a.qpos, a.kpos, m.S, m.T);
+  const Visibility vis(a.qpos, a.kpos, a.qseg, a.kseg, m.B, m.S, m.T, m.NK);
   if (fwd_fixed(a, m, vis, scale, o, lse)) return 0;
   parallel_for(m.B * m.NK, [&](int64_t task) {  // any other (even) head_dim
     const int64_t b = task / m.NK, g = task % m.NK, S = m.S, T = m.T, D = m.D;
     std::vector<float> KT(D * T), VT(D * T), s(T), qr(D);
     load_kv(a.k, a.v, a.kc, a.ksn, m, b, g, KT.data(), VT.data());
     const int32_t *qs = a.qseg + b * S, *ks = a.kseg + b * T;
-    const bool useg = !seg_uniform(qs, ks, S, T);
+    const bool useg = vis.useg[b];
     for (int64_t h = g * m.rep; h < (g + 1) * m.rep; ++h) {
       for (int64_t i = 0; i < S; ++i) {
         const int64_t row = (b * m.NQ + h) * S + i, qo = m.off(b, h, i, m.NQ, S);
         float *oi = o + qo;
         rope(a.q + qo, a.qc + (b * S + i) * D, a.qsn + (b * S + i) * D, qr.data(), D);
         for (int64_t d = 0; d < D; ++d) qr[d] *= scale;
-        const int64_t jend = vis.jend[i];
-        const int64_t nvis =
-            row_scores(qr.data(), KT.data(), D, T, jend, s.data(), vis.exact, a.kpos, a.qpos[i], useg, ks, qs[i]);
+        const int64_t jb = vis.begin(b, i), jend = vis.jend[i];
+        const int64_t nvis = row_scores(qr.data(), KT.data(), D, T, jb, jend, s.data(), vis.exact, a.kpos, a.qpos[i],
+                                        useg, ks, qs[i]);
         if (nvis == 0) {
           for (int64_t d = 0; d < D; ++d) {
             float acc = 0.0f;
@@ -171,9 +215,9 @@ int attn_fwd(int nparam, void **params, int64_t **shapes, const char **dtypes, b
         }
         float *__restrict sp = s.data();
         float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t j = 0; j < jend; ++j) mx = std::max(mx, sp[j]);
+        for (int64_t j = jb; j < jend; ++j) mx = std::max(mx, sp[j]);
         float l = 0.0f;
-        for (int64_t j = 0; j < jend; ++j) {
+        for (int64_t j = jb; j < jend; ++j) {
           const float p = fexp(sp[j] - mx);
           sp[j] = p;
           l += p;
@@ -182,7 +226,7 @@ int attn_fwd(int nparam, void **params, int64_t **shapes, const char **dtypes, b
         for (int64_t d = 0; d < D; ++d) {
           const float *__restrict vt = VT.data() + d * T;
           float acc = 0.0f;
-          for (int64_t j = 0; j < jend; ++j) acc += sp[j] * vt[j];
+          for (int64_t j = jb; j < jend; ++j) acc += sp[j] * vt[j];
           oi[d] = acc * inv;
         }
         lse[row] = mx + std::log(l);
@@ -203,7 +247,7 @@ int attn_bwd(int nparam, void **params, int64_t **shapes, const char **dtypes, b
   const Dims m = dims_of(shapes, bsnd);
   if (m.NK <= 0 || m.NQ % m.NK || m.D % 2) return 2;
   const float scale = a.scale[0];
-  const Visibility vis(a.qpos, a.kpos, m.S, m.T);
+  const Visibility vis(a.qpos, a.kpos, a.qseg, a.kseg, m.B, m.S, m.T, m.NK);
   if (bwd_fixed(a, m, vis, scale, o, lse, dout, dq, dk, dv)) return 0;
   parallel_for(m.B * m.NK, [&](int64_t task) {  // any other (even) head_dim
     const int64_t b = task / m.NK, g = task % m.NK, S = m.S, T = m.T, D = m.D;
@@ -211,7 +255,7 @@ int attn_bwd(int nparam, void **params, int64_t **shapes, const char **dtypes, b
         dqr(D);
     load_kv(a.k, a.v, a.kc, a.ksn, m, b, g, KT.data(), VT.data());
     const int32_t *qs = a.qseg + b * S, *ks = a.kseg + b * T;
-    const bool useg = !seg_uniform(qs, ks, S, T);
+    const bool useg = vis.useg[b];
     for (int64_t h = g * m.rep; h < (g + 1) * m.rep; ++h) {
       for (int64_t i = 0; i < S; ++i) {
         const int64_t row = (b * m.NQ + h) * S + i, qo = m.off(b, h, i, m.NQ, S);
@@ -229,13 +273,13 @@ int attn_bwd(int nparam, void **params, int64_t **shapes, const char **dtypes, b
         }
         rope(a.q + qo, qc, qsn, qr.data(), D);
         for (int64_t d = 0; d < D; ++d) qsc[d] = qr[d] * scale;
-        const int64_t jend = vis.jend[i];
-        row_scores(qsc.data(), KT.data(), D, T, jend, s.data(), vis.exact, a.kpos, a.qpos[i], useg, ks, qs[i]);
+        const int64_t jb = vis.begin(b, i), jend = vis.jend[i];
+        row_scores(qsc.data(), KT.data(), D, T, jb, jend, s.data(), vis.exact, a.kpos, a.qpos[i], useg, ks, qs[i]);
         float Di = 0.0f;
         for (int64_t d = 0; d < D; ++d) Di += gi[d] * oi[d];
         float *__restrict sp = s.data();
         float *__restrict dpp = dp.data();
-        for (int64_t j = 0; j < jend; ++j) {
+        for (int64_t j = jb; j < jend; ++j) {
           sp[j] = fexp(sp[j] - L);  // probabilities
           dpp[j] = 0.0f;
         }
@@ -243,18 +287,18 @@ int attn_bwd(int nparam, void **params, int64_t **shapes, const char **dtypes, b
           const float gd = gi[d];
           const float *__restrict vt = VT.data() + d * T;
           float *__restrict dvt = dVT.data() + d * T;
-          for (int64_t j = 0; j < jend; ++j) {
+          for (int64_t j = jb; j < jend; ++j) {
             dpp[j] += gd * vt[j];
             dvt[j] += sp[j] * gd;
           }
         }
-        for (int64_t j = 0; j < jend; ++j) dpp[j] = sp[j] * (dpp[j] - Di) * scale;  // d(scaled score) * scale
+        for (int64_t j = jb; j < jend; ++j) dpp[j] = sp[j] * (dpp[j] - Di) * scale;  // d(scaled score) * scale
         for (int64_t d = 0; d < D; ++d) {
           const float qd = qr[d];
           const float *__restrict kt = KT.data() + d * T;
           float *__restrict dkt = dKT.data() + d * T;
           float acc = 0.0f;
-          for (int64_t j = 0; j < jend; ++j) {
+          for (int64_t j = jb; j < jend; ++j) {
             acc += dpp[j] * kt[j];
             dkt[j] += dpp[j] * qd;
           }

@@ -18,7 +18,8 @@ constexpr int64_t W = 4;
 inline int64_t round_up(int64_t n) { return (n + W - 1) / W * W; }
 
 // Per (batch, kv head): K (after the rotary embedding) and V transposed to (D, Tp), Tp = T rounded up to W, zero
-// padded; key positions/segments padded likewise (padding is never visible: j < jend <= T).
+// padded; key positions/segments padded likewise (padding is never visible: j < jend <= T). Chunks of a query run
+// from its jbeg rounded down to W (the keys before jbeg in that chunk are in other segments: masked) to jend.
 struct KVBlock {
   int64_t Tp;
   std::vector<float> KT, VT;
@@ -112,11 +113,11 @@ void fwd_rows(const AttnArgs &a, const Dims &m, const Visibility &vis, const KVB
     rope(a.q + qo[r], a.qc + (b * S + i) * D, a.qsn + (b * S + i) * D, q[r], D);
     for (int d = 0; d < D; ++d) q[r][d] *= scale;
   }
-  const int64_t jend = vis.jend[i], cend = round_up(jend);
+  const int64_t jend = vis.jend[i], cend = round_up(jend), cbeg = vis.begin(b, i) / W * W;
   vf mxv[R];
   for (int r = 0; r < R; ++r) mxv[r] = vsplat(ninf);
   vi cnt = vi{};
-  for (int64_t c0 = 0; c0 < cend; c0 += W) {
+  for (int64_t c0 = cbeg; c0 < cend; c0 += W) {
     vf acc[R];
     for (int r = 0; r < R; ++r) acc[r] = vf{};
 #pragma GCC unroll 16
@@ -155,7 +156,7 @@ void fwd_rows(const AttnArgs &a, const Dims &m, const Visibility &vis, const KVB
     lsum[r] = vf{};
     for (int d = 0; d < D; ++d) oacc[r][d] = vf{};
   }
-  for (int64_t c0 = 0; c0 < cend; c0 += W) {
+  for (int64_t c0 = cbeg; c0 < cend; c0 += W) {
     vf p[R];
     for (int r = 0; r < R; ++r) {
       p[r] = vfexp(vload(s + r * Tp + c0) - mx[r]);
@@ -174,16 +175,16 @@ void fwd_rows(const AttnArgs &a, const Dims &m, const Visibility &vis, const KVB
   }
 }
 
+// query rows [i0, i1) of batch b, kv head g
 template <int D>
-void fwd_task(const AttnArgs &a, const Dims &m, const Visibility &vis, float scale, float *o, float *lse, int64_t b,
-              int64_t g) {
-  const KVBlock kv(a, m, b, g);
+void fwd_task(const AttnArgs &a, const Dims &m, const Visibility &vis, const KVBlock &kv, float scale, float *o,
+              float *lse, int64_t b, int64_t g, int64_t i0, int64_t i1) {
   std::vector<float> sbuf(2 * kv.Tp);
-  const bool useg = !seg_uniform(a.qseg + b * m.S, a.kseg + b * m.T, m.S, m.T);
+  const bool useg = vis.useg[b];
   const vi lanes = lane_ids();
   for (int64_t h = g * m.rep; h < (g + 1) * m.rep;) {
     const bool two = h + 1 < (g + 1) * m.rep;
-    for (int64_t i = 0; i < m.S; ++i) {
+    for (int64_t i = i0; i < i1; ++i) {
       if (two)
         fwd_rows<D, 2>(a, m, vis, kv, scale, o, lse, sbuf.data(), b, h, i, useg, lanes);
       else
@@ -225,11 +226,11 @@ void bwd_rows(const AttnArgs &a, const Dims &m, const Visibility &vis, const KVB
       }
     return;
   }
-  const int64_t jend = vis.jend[i], cend = round_up(jend);
+  const int64_t jend = vis.jend[i], cend = round_up(jend), cbeg = vis.begin(b, i) / W * W;
   vf dqa[R][D];
   for (int r = 0; r < R; ++r)
     for (int d = 0; d < D; ++d) dqa[r][d] = vf{};
-  for (int64_t c0 = 0; c0 < cend; c0 += W) {
+  for (int64_t c0 = cbeg; c0 < cend; c0 += W) {
     vf sv[R], dp[R];
     for (int r = 0; r < R; ++r) sv[r] = dp[r] = vf{};
 #pragma GCC unroll 16
@@ -267,18 +268,16 @@ void bwd_rows(const AttnArgs &a, const Dims &m, const Visibility &vis, const KVB
   }
 }
 
+// query rows [i0, i1) of batch b, kv head g; adds to dKT, dVT (D, Tp)
 template <int D>
-void bwd_task(const AttnArgs &a, const Dims &m, const Visibility &vis, float scale, const float *o, const float *lse,
-              const float *dout, float *dq, float *dk, float *dv, int64_t b, int64_t g) {
-  const KVBlock kv(a, m, b, g);
-  const int64_t Tp = kv.Tp, T = m.T;
-  std::vector<float> dKTb(D * Tp, 0.0f), dVTb(D * Tp, 0.0f);
-  float *dKT = dKTb.data(), *dVT = dVTb.data();
-  const bool useg = !seg_uniform(a.qseg + b * m.S, a.kseg + b * T, m.S, T);
+void bwd_task(const AttnArgs &a, const Dims &m, const Visibility &vis, const KVBlock &kv, float scale, const float *o,
+              const float *lse, const float *dout, float *dq, float *dKT, float *dVT, int64_t b, int64_t g, int64_t i0,
+              int64_t i1) {
+  const bool useg = vis.useg[b];
   const vi lanes = lane_ids();
   for (int64_t h = g * m.rep; h < (g + 1) * m.rep;) {
     const bool two = h + 1 < (g + 1) * m.rep;
-    for (int64_t i = 0; i < m.S; ++i) {
+    for (int64_t i = i0; i < i1; ++i) {
       if (two)
         bwd_rows<D, 2>(a, m, vis, kv, scale, o, lse, dout, dq, dKT, dVT, b, h, i, useg, lanes);
       else
@@ -286,22 +285,85 @@ void bwd_task(const AttnArgs &a, const Dims &m, const Visibility &vis, float sca
     }
     h += two ? 2 : 1;
   }
-  for (int64_t j = 0; j < T; ++j) {  // back through the rotary embedding of k
-    const int64_t ko = m.off(b, g, j, m.NK, T);
+}
+
+// dk, dv of batch b, kv head g from dKT, dVT (D, Tp): back through the rotary embedding of k
+template <int D>
+void store_dkv(const AttnArgs &a, const Dims &m, int64_t Tp, const float *dKT, const float *dVT, float *dk, float *dv,
+               int64_t b, int64_t g) {
+  for (int64_t j = 0; j < m.T; ++j) {
+    const int64_t ko = m.off(b, g, j, m.NK, m.T);
     float r[D];
     for (int d = 0; d < D; ++d) r[d] = dKT[d * Tp + j];
-    rope_t(r, a.kc + (b * T + j) * D, a.ksn + (b * T + j) * D, dk + ko, D);
+    rope_t(r, a.kc + (b * m.T + j) * D, a.ksn + (b * m.T + j) * D, dk + ko, D);
     for (int d = 0; d < D; ++d) dv[ko + d] = dVT[d * Tp + j];
   }
+}
+
+// The tasks: (batch, kv head) when there are enough of them (vis.nblk == 1: each builds its K/V block and
+// accumulates dK/dV alone), else (batch, kv head, block of query rows) with the K/V blocks built first and one
+// dK/dV buffer per task, summed in block order (deterministic) before the rotary backward.
+template <int D>
+void fwd_all(const AttnArgs &a, const Dims &m, const Visibility &vis, float scale, float *o, float *lse) {
+  const int64_t nb = vis.nblk, G = m.B * m.NK;
+  if (nb == 1) {
+    parallel_for(G, [&](int64_t t) {
+      const int64_t b = t / m.NK, g = t % m.NK;
+      const KVBlock kv(a, m, b, g);
+      fwd_task<D>(a, m, vis, kv, scale, o, lse, b, g, 0, m.S);
+    });
+    return;
+  }
+  std::vector<std::unique_ptr<KVBlock>> kvs(G);
+  parallel_for(G, [&](int64_t t) { kvs[t].reset(new KVBlock(a, m, t / m.NK, t % m.NK)); });
+  parallel_for(G * nb, [&](int64_t t) {
+    const int64_t bg = t / nb, k = t % nb, b = bg / m.NK, g = bg % m.NK;
+    const int64_t *bl = vis.block(b);
+    fwd_task<D>(a, m, vis, *kvs[bg], scale, o, lse, b, g, bl[k], bl[k + 1]);
+  });
+}
+
+template <int D>
+void bwd_all(const AttnArgs &a, const Dims &m, const Visibility &vis, float scale, const float *o, const float *lse,
+             const float *dout, float *dq, float *dk, float *dv) {
+  const int64_t nb = vis.nblk, G = m.B * m.NK;
+  if (nb == 1) {
+    parallel_for(G, [&](int64_t t) {
+      const int64_t b = t / m.NK, g = t % m.NK;
+      const KVBlock kv(a, m, b, g);
+      std::vector<float> dKT(D * kv.Tp, 0.0f), dVT(D * kv.Tp, 0.0f);
+      bwd_task<D>(a, m, vis, kv, scale, o, lse, dout, dq, dKT.data(), dVT.data(), b, g, 0, m.S);
+      store_dkv<D>(a, m, kv.Tp, dKT.data(), dVT.data(), dk, dv, b, g);
+    });
+    return;
+  }
+  std::vector<std::unique_ptr<KVBlock>> kvs(G);
+  parallel_for(G, [&](int64_t t) { kvs[t].reset(new KVBlock(a, m, t / m.NK, t % m.NK)); });
+  const int64_t Tp = round_up(m.T), n = D * Tp;
+  std::vector<float> buf((size_t)(G * nb * 2 * n), 0.0f);  // per task: dKT, dVT
+  parallel_for(G * nb, [&](int64_t t) {
+    const int64_t bg = t / nb, k = t % nb, b = bg / m.NK, g = bg % m.NK;
+    const int64_t *bl = vis.block(b);
+    float *dKT = buf.data() + t * 2 * n;
+    bwd_task<D>(a, m, vis, *kvs[bg], scale, o, lse, dout, dq, dKT, dKT + n, b, g, bl[k], bl[k + 1]);
+  });
+  parallel_for(G, [&](int64_t bg) {
+    float *dKT = buf.data() + bg * nb * 2 * n;
+    for (int64_t k = 1; k < nb; ++k) {
+      const float *src = dKT + k * 2 * n;
+      for (int64_t x = 0; x < 2 * n; ++x) dKT[x] += src[x];
+    }
+    store_dkv<D>(a, m, Tp, dKT, dKT + n, dk, dv, bg / m.NK, bg % m.NK);
+  });
 }
 
 #define MFSFT_HEAD_DIMS(X) X(8) X(16) X(32) X(64) X(128)
 
 bool fwd_fixed(const AttnArgs &a, const Dims &m, const Visibility &vis, float scale, float *o, float *lse) {
   switch (m.D) {
-#define MFSFT_CASE(d)                                                                                        \
-  case d:                                                                                                    \
-    parallel_for(m.B * m.NK, [&](int64_t t) { fwd_task<d>(a, m, vis, scale, o, lse, t / m.NK, t % m.NK); }); \
+#define MFSFT_CASE(d)                         \
+  case d:                                     \
+    fwd_all<d>(a, m, vis, scale, o, lse);     \
     return true;
     MFSFT_HEAD_DIMS(MFSFT_CASE)
 #undef MFSFT_CASE
@@ -313,10 +375,9 @@ bool fwd_fixed(const AttnArgs &a, const Dims &m, const Visibility &vis, float sc
 bool bwd_fixed(const AttnArgs &a, const Dims &m, const Visibility &vis, float scale, const float *o, const float *lse,
                const float *dout, float *dq, float *dk, float *dv) {
   switch (m.D) {
-#define MFSFT_CASE(d)                                                                                         \
-  case d:                                                                                                     \
-    parallel_for(m.B * m.NK,                                                                                  \
-                 [&](int64_t t) { bwd_task<d>(a, m, vis, scale, o, lse, dout, dq, dk, dv, t / m.NK, t % m.NK); }); \
+#define MFSFT_CASE(d)                                            \
+  case d:                                                        \
+    bwd_all<d>(a, m, vis, scale, o, lse, dout, dq, dk, dv);      \
     return true;
     MFSFT_HEAD_DIMS(MFSFT_CASE)
 #undef MFSFT_CASE
