@@ -1,8 +1,9 @@
 """The fused CPU decode step: one new token per row through the whole decoder in ONE kernel call.
 
 On CPU a decode step of a small model is ~100 tiny ops, and MindSpore's launch cost per op (or per compiled graph
-call) is far larger than their arithmetic. `MfsftDecodeStep` (cpu_decode_kernels.cc, a MindSpore Custom "aot" op
-like the other fused CPU kernels) runs embedding, every layer and the logits in one call:
+call) is far larger than their arithmetic. `MfsftDecodeStep` (cpu_decode_kernels.cc, in the library of the other
+fused CPU kernels, called directly through ctypes: see _call_native) runs embedding, every layer and the logits in
+one call:
 
   * the weights are read in place: the op gets one int64 `table` with the data pointers of the model's
     parameters (and the layout of fused projections), written by `DecodePlan` from the family's
@@ -18,6 +19,7 @@ differs from the layer-by-layer path by float rounding only (summation order).
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import struct
 from dataclasses import dataclass
@@ -25,7 +27,7 @@ from typing import List, Optional
 
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor, ops
+from mindspore import Tensor
 
 from . import kernels
 from .kv_cache import HostKVCache, KVCache, capacity_for
@@ -119,23 +121,46 @@ class DecodePlan:
         self.table = t
         self._layout = layout          # keeps every parameter read through the table alive
 
-    def run(self, op, tokens: np.ndarray, positions: np.ndarray, key_mask: np.ndarray, cache: HostKVCache):
+    def run(self, tokens: np.ndarray, positions: np.ndarray, key_mask: np.ndarray, cache: HostKVCache) -> Tensor:
         """Logits (B, 1, V) fp32 Tensor of each row's last token; tokens, positions (B, S), key_mask (B, length + S);
         appends the S new columns of k, v to `cache` in place (columns length .. length + S - 1)."""
         t = self.table.copy()
         t[_CACHE], t[_CAPACITY], t[_CACHE_ROWS] = cache.data.ctypes.data, cache.capacity, cache.rows
-        return op(Tensor(tokens), Tensor(positions), Tensor(key_mask), Tensor(t))
+        logits = np.empty((tokens.shape[0], 1, self.vocab), dtype=np.float32)
+        _call_native((tokens, positions, key_mask, t, logits))
+        return Tensor.from_numpy(logits)
 
 
-def _op(model):
-    op = model.__dict__.get("_fused_decode_op")
-    if op is None:
-        v = model.config.vocab_size
-        op = ops.Custom(f"{kernels.cpu_kernel_library()}:MfsftDecodeStep", out_shape=lambda tok, *rest: [tok[0], 1, v],
-                        out_dtype=lambda *a: ms.float32, func_type="aot")
-        op.add_prim_attr("mfsft_vocab", v)     # PyNative caches an op's inferred shape by its attributes
-        object.__setattr__(model, "_fused_decode_op", op)
-    return op
+# The kernel is host code on host arrays, so it is called directly (ctypes) rather than as a MindSpore op: a PyNative
+# op launch costs ~0.4 ms on CPU, ten times a small model's whole decode step. ctypes releases the GIL during the
+# call (a server's event loop runs meanwhile), and the call returns when the step is done, while every array it
+# reads and writes through raw pointers (the table, the cache, the plan's inv_freq) is certainly alive.
+_NATIVE = {}
+_DTYPES = {np.dtype(np.int32): b"int32", np.dtype(np.bool_): b"bool", np.dtype(np.int64): b"int64",
+           np.dtype(np.float32): b"float32"}
+
+
+def _call_native(arrays):
+    """MfsftDecodeStep(nparam, params, ndims, shapes, dtypes, stream, extra) on C-contiguous numpy arrays (inputs,
+    then the output): the aot convention of every kernel of the library (cpu_kernels.cc, MFSFT_OP)."""
+    fn = _NATIVE.get("fn")
+    if fn is None:
+        lib = ctypes.CDLL(kernels.cpu_kernel_library())
+        fn = lib.MfsftDecodeStep
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int),
+                       ctypes.POINTER(ctypes.POINTER(ctypes.c_int64)), ctypes.POINTER(ctypes.c_char_p),
+                       ctypes.c_void_p, ctypes.c_void_p]
+        _NATIVE.update(fn=fn, lib=lib)
+    n = len(arrays)
+    if not all(x.flags.c_contiguous for x in arrays):
+        raise ValueError("fused decode step: the arrays must be C-contiguous")
+    shapes = [np.asarray(x.shape, dtype=np.int64) for x in arrays]
+    rc = fn(n, (ctypes.c_void_p * n)(*[x.ctypes.data for x in arrays]), (ctypes.c_int * n)(*[x.ndim for x in arrays]),
+            (ctypes.POINTER(ctypes.c_int64) * n)(*[sh.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)) for sh in shapes]),
+            (ctypes.c_char_p * n)(*[_DTYPES[x.dtype] for x in arrays]), None, None)
+    if rc != 0:
+        raise RuntimeError(f"MfsftDecodeStep failed (code {rc}) on {[(x.dtype.name, x.shape) for x in arrays]}")
 
 
 def plan_for(model) -> Optional[DecodePlan]:
@@ -169,7 +194,7 @@ def prefill(model, input_ids: np.ndarray, key_mask: np.ndarray, position_ids: np
     if plan is None:
         return None
     cache = HostKVCache.empty(plan, ids.shape[0], 0, ids.shape[1])
-    logits = plan.run(_op(model), ids, np.ascontiguousarray(np.asarray(position_ids, np.int32)[:, start:]),
+    logits = plan.run(ids, np.ascontiguousarray(np.asarray(position_ids, np.int32)[:, start:]),
                       np.ascontiguousarray(keys[:, start:]), cache)
     return logits, HostKVCache(cache.data, ids.shape[1], plan)
 
@@ -198,7 +223,7 @@ def decode(model, input_ids, cache, key_mask=None, position_ids=None):
         positions = np.full((b, 1), t, dtype=np.int32)
     else:
         positions = np.ascontiguousarray(_numpy(position_ids, np.int32).reshape(-1, 1))
-    logits = plan.run(_op(model), ids, positions, keys, cache)
+    logits = plan.run(ids, positions, keys, cache)
     return logits, HostKVCache(cache.data, t + 1, plan)     # shares the array (the new column is written in it)
 
 

@@ -89,6 +89,33 @@ def test_cache_growing_past_its_capacity(stories):
     _check(*stories, vocab=512, lengths=(262, 255), n_new=12)
 
 
+_DROPPING = """
+import numpy as np, mindspore as ms
+ms.set_device("CPU"); ms.set_context(mode=ms.PYNATIVE_MODE)
+from mindformers_sft.pretrained import from_hf_dir
+model = from_hf_dir({path!r})
+for s in (16, 140):
+    for b in (1, 8):
+        ids, mask = np.full((b, s), 5, np.int32), np.ones((b, s), bool)
+        pos = np.tile(np.arange(s, dtype=np.int32), (b, 1))
+        for _ in range(10):
+            model.forward_with_cache(ids, None, key_mask=mask, position_ids=pos, last_only=True)
+print("done")
+"""
+
+
+def test_results_dropped_at_once_leave_memory_intact():
+    # the step writes the host cache through a raw pointer: a caller that drops the returned cache at once must not
+    # free memory the kernel still writes (while the kernel ran as an asynchronous MindSpore op, this script died of
+    # heap corruption: "corrupted double-linked list")
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-c", _DROPPING.format(path=STORIES)], cwd=root, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and "done" in out.stdout, out.stderr[-2000:]
+
+
 @pytest.mark.parametrize("family", ["llama3_tiny", "qwen2_tiny"])
 def test_llama3_rope_and_qwen2_bias(family, tmp_path):
     hf = (_tiny_llama3 if family == "llama3_tiny" else _tiny_qwen2)(str(tmp_path))
