@@ -25,9 +25,10 @@ run train_19m_full bench/bench_train.py --model 19m --mode full
 run train_19m_lora bench/bench_train.py --model 19m --mode lora
 run train_135m_full bench/bench_train.py --model 135m --mode full
 run train_135m_lora bench/bench_train.py --model 135m --mode lora
-run memory_lora bench/bench_memory.py --mode lora
+run memory_lora bench/bench_memory.py --model 19m --mode lora
 run preprocess bench/bench_preprocess.py --records 20000
 run generate bench/bench_generate.py
 run serve bench/bench_serve.py
 run moe bench/bench_moe.py
 run data_scale bench/bench_data_scale.py
+run data_overlap bench/bench_data_scale.py --overlap
