@@ -26,7 +26,9 @@ run train_19m_lora bench/bench_train.py --model 19m --mode lora
 run train_135m_full bench/bench_train.py --model 135m --mode full
 run train_135m_lora bench/bench_train.py --model 135m --mode lora
 run memory_lora bench/bench_memory.py --model 19m --mode lora
+run memory_lora_stories bench/bench_memory.py --model stories --mode lora
 run preprocess bench/bench_preprocess.py --records 20000
+run preprocess_distinct bench/bench_preprocess.py --records 999
 run generate bench/bench_generate.py
 run serve bench/bench_serve.py
 run moe bench/bench_moe.py
