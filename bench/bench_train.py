@@ -14,6 +14,9 @@ Models (--model; batch, seq, steps and the LoRA targets default per model):
            embeddings (134.5M parameters), random init; batch 2 x seq 512, 4 timed steps; LoRA r16 on q/k/v/o.
   stories  the bundled stories260K; batch 8 x seq 512; LoRA r8 on every projection.
 MFSFT_CPU_KERNELS=0 measures ours without the fused CPU kernels of models/kernels.py (basic MindSpore ops only).
+Both sides get the same padded batches; ours skips the positions after each row's last supervised target
+(trainer/unpad.py; MFSFT_UNPAD=0 computes them as the reference does). The line before the ratio says how much
+of the positions that is.
 """
 import argparse
 import json
@@ -78,13 +81,13 @@ def batches(batch, seq, n):
 
 
 def warmup_first(data, warmup):
-    """(batches reordered, warm-up count): the warm-up batches come first and include one batch of every length of
-    the supervised-row list in `data`: ours compiles one graph per length (at most 4, trainer/step.py
-    supervised_rows), a one-time cost like the first compile, not a step's."""
-    from mindformers_sft.trainer.step import supervised_rows
+    """(batches reordered, warm-up count): the warm-up batches come first and include one batch of every graph shape
+    ours will run in `data`: ours compiles one graph per (unpadded length, supervised-row list length) (at most 32,
+    trainer/step.py graph_shape, unpad.py), a one-time cost like the first compile, not a step's."""
+    from mindformers_sft.trainer.step import graph_shape
 
     def k(b):
-        return len(supervised_rows(b["input_ids"], b["labels"], -100)[0])
+        return graph_shape(b, -100)
     head, rest = list(data[:warmup]), []
     seen = {k(b) for b in head}
     for b in data[warmup:]:
@@ -238,6 +241,16 @@ def main():
     res, kernels_on = side_by_side(data, a.mode, lr, a.warmup, a.model, rounds)
     ratios = [o / f for o, f in zip(res["ours"][0], res["reference"][0])]
     print(head + f", {rounds} alternating rounds")
+    from mindformers_sft.trainer import unpad
+    from mindformers_sft.trainer.step import graph_shape
+    share = unpad.padding_share(data[a.warmup:], -100)
+    shapes = len({graph_shape(b, -100) for b in data})
+    if unpad.enabled() and kernels_on:
+        print(f"  ours skips padding (unpadding, MFSFT_UNPAD=0 turns it off): {share:.1%} of the timed batches' "
+              f"positions come after their row's last supervised target; the reference computes them; "
+              f"ours compiled {shapes} graph shape(s)")
+    else:
+        print(f"  ours computes the padding too (MFSFT_UNPAD=0 or no CPU kernels): {share:.1%} of the positions")
     for k, name in (("reference", ref_name), ("ours", "mindformers_sft")):
         sps, losses = res[k]
         print(f"  {name:22s} {float(np.median(sps)):.3f} steps/s median of rounds (best {max(sps):.3f}); "
@@ -246,7 +259,8 @@ def main():
     q = np.percentile(ratios, [25, 75])
     print(f"  speed ratio (ours / reference), median of rounds: {float(np.median(ratios)):.2f}x "
           f"(quartiles {q[0]:.2f}-{q[1]:.2f}; ratio of best rounds {max(res['ours'][0]) / max(res['reference'][0]):.2f}x)")
-    print(json.dumps({"model": a.model, "mode": a.mode, "ratio": round(float(np.median(ratios)), 3)}))
+    print(json.dumps({"model": a.model, "mode": a.mode, "unpad": unpad.enabled(),
+                      "ratio": round(float(np.median(ratios)), 3)}))
 
 
 if __name__ == "__main__":

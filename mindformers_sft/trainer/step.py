@@ -18,6 +18,15 @@ not on every position: prompt and padding positions carry no loss, and the head 
 matmul of a small model. The list is padded to a multiple of ROW_BUCKET of the positions (ignored targets): at most
 1/ROW_BUCKET graph shapes are compiled (a dynamic row axis would need shape inference our fused kernels do not
 have). Same loss and gradients up to float summation order.
+
+Unpadding (same condition, unless MFSFT_UNPAD=0; trainer/unpad.py): each micro-batch first becomes one flat packed
+sequence (1, K) of its rows' prefixes up to their last supervised target (the positions after it cannot change the
+loss), each (row, segment) a segment of its own with its own positions, K rounded up to a multiple of 1/8 of B x S;
+the supervised-row list then indexes that sequence (buckets of ROW_BUCKET x K). The packed attention (causal within
+a segment; the CPU kernel skips earlier segments' keys) gives the kept positions exactly what they had, so the loss
+and gradients are the same up to float summation order, and gradient accumulation and data parallelism stay
+token-weighted as above (each micro-batch still contributes its sum and its count). Compiled graphs: at most
+8 x 4 = 32 per micro-batch shape (flat length x row-list length), a few in practice.
 """
 from __future__ import annotations
 
@@ -30,6 +39,7 @@ from mindspore import Tensor, nn, ops
 
 from ..errors import TrainingError
 from ..models import kernels
+from . import unpad as _unpad
 
 BATCH_KEYS = ("input_ids", "labels", "position_ids", "segment_ids")
 ROW_BUCKET = 0.25       # supervised-row lists are padded to a multiple of this fraction of the batch's positions
@@ -48,6 +58,24 @@ def supervised_rows(input_ids, labels, ignore_id, bucket=ROW_BUCKET):
     out_rows[:rows.size] = rows
     out_targets[:rows.size] = targets[rows]
     return out_rows, out_targets
+
+
+def step_inputs(mb, ignore_id, rows=True, unpadding=None):
+    """(keys, dict of numpy arrays) a micro-batch is passed to the compiled step as: with `rows` (selects_rows) the
+    supervised-row list of the batch, unpadded first (unpad.py) unless `unpadding` is False (default: MFSFT_UNPAD);
+    without `rows` the batch as is (BATCH_KEYS). The arrays' shapes are the graph's shapes."""
+    if not rows:
+        return BATCH_KEYS, mb
+    if _unpad.enabled() if unpadding is None else unpadding:
+        mb = _unpad.unpad(mb, ignore_id)
+    r, targets = supervised_rows(mb["input_ids"], mb.get("labels"), ignore_id)
+    return ("rows", "row_targets", "input_ids", "position_ids", "segment_ids"), dict(mb, rows=r, row_targets=targets)
+
+
+def graph_shape(mb, ignore_id, rows=True, unpadding=None):
+    """The shapes that decide which compiled graph a micro-batch runs (a new one compiles once)."""
+    keys, d = step_inputs(mb, ignore_id, rows, unpadding)
+    return tuple(np.shape(d[k]) if d.get(k) is not None else None for k in keys)
 
 
 def selects_rows(model) -> bool:
@@ -181,11 +209,8 @@ class TrainStep:
         scale_t = Tensor(scale, ms.float32)
         batches = []
         for mb in micro_batches:
-            keys = BATCH_KEYS
-            if self._rows:     # (rows, targets, input_ids, position_ids, segment_ids): see _rows_loss_sum
-                rows, targets = supervised_rows(mb["input_ids"], mb.get("labels"), self.model.ignore_token_id)
-                mb = dict(mb, rows=rows, row_targets=targets)
-                keys = ("rows", "row_targets", "input_ids", "position_ids", "segment_ids")
+            # rows: (rows, targets, input_ids, position_ids, segment_ids) of the unpadded batch, see _rows_loss_sum
+            keys, mb = step_inputs(mb, self.model.ignore_token_id, self._rows)
             args = [Tensor(mb[k]) if mb.get(k) is not None else None for k in keys]
             while args and args[-1] is None:
                 args.pop()
