@@ -35,7 +35,11 @@ def _order(out, rank):
         return [json.loads(l)["samples"] for l in f]
 
 
-def _close(a, b, tol=1e-5):
+# 3e-5, was 1e-5: with unpadding (trainer/unpad.py) the single run packs 4 rows into one flat sequence and each
+# rank 2, so the attention kernel's SIMD chunks meet the segments at other offsets (another fp32 summation order);
+# measured 2.2e-5 after 3 steps at lr 1e-3 (MFSFT_UNPAD=0: within 1e-5). Exactness of unpadding itself:
+# tests/trainer/test_unpad.py.
+def _close(a, b, tol=3e-5):
     assert set(a) == set(b)
     worst = max(float(np.abs(a[k] - b[k]).max()) for k in a)
     assert worst <= tol, worst
