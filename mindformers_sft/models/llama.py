@@ -70,13 +70,28 @@ class Linear(nn.Cell):
                      if has_bias else None)
         self.matmul = ops.MatMul(transpose_b=True)
         self.bias_add = ops.Add()       # primitives held as attributes can be given shard strategies
+        self.out_perm = None            # set_out_perm: outputs in another order than the stored rows
+
+    def set_out_perm(self, perm):
+        """Output feature j = stored row perm[j] (int array, a permutation of out_features): the weight rows are
+        gathered before the matmul, which costs out x in per call instead of a strided copy of the activations.
+        The checkpoint keeps the stored layout. For the single-device CPU path only (the gather would cross
+        shards under model parallel)."""
+        perm = np.asarray(perm, np.int32)
+        if sorted(perm.tolist()) != list(range(self.out_features)):
+            raise ValueError(f"out_perm must be a permutation of {self.out_features} rows")
+        self.out_perm = Tensor(perm)
+
+    def rows(self, p):
+        """A (out_features, ...) parameter in output order."""
+        return p if self.out_perm is None else ops.gather(p, self.out_perm, 0)
 
     def construct(self, x):
         shape = x.shape
         y = self.matmul(ops.reshape(_cast(x, self.compute_dtype), (-1, self.in_features)),
-                        _cast(self.weight, self.compute_dtype))
+                        _cast(self.rows(self.weight), self.compute_dtype))
         if self.has_bias:
-            y = self.bias_add(y, _cast(self.bias, self.compute_dtype))
+            y = self.bias_add(y, _cast(self.rows(self.bias), self.compute_dtype))
         return ops.reshape(y, shape[:-1] + (self.out_features,))
 
 

@@ -38,12 +38,22 @@ LoRA (pet/lora.py) adds `<layer>.lora_a` (r, in) and `<layer>.lora_b` (out, r) t
 """
 from __future__ import annotations
 
+import numpy as np
 from mindspore import Tensor, nn, ops
 
 from . import fused_decode
 from .config import LlamaConfig
 from .causal_lm import MS_DTYPES, CausalLM
 from .llama import Attention, Embedding, FeedForward, Linear, LlamaModel, RMSNorm, layers_with_cache, rope_inv_freq
+
+
+def qkv_order(nq, nkv, d):
+    """Rows of the per-kv-group linear_qkv ([rep q heads, k, v] per group) in [q; k; v] order."""
+    rep, blk = nq // nkv, (nq // nkv + 2) * d
+    q = [g * blk + r * d + np.arange(d) for g in range(nkv) for r in range(rep)]
+    k = [g * blk + rep * d + np.arange(d) for g in range(nkv)]
+    v = [g * blk + (rep + 1) * d + np.arange(d) for g in range(nkv)]
+    return np.concatenate(q + k + v)
 
 
 def _dense_args(cfg):
@@ -69,6 +79,10 @@ class Qwen3Attention(Attention):
         self.q_layernorm = RMSNorm(d, cfg.rms_norm_eps, pd, fused, cpu_kernel)
         self.k_layernorm = RMSNorm(d, cfg.rms_norm_eps, pd, fused, cpu_kernel)
         self.linear_proj = Linear(nq * d, h, False, pd, cd, std)
+        self.split_qkv = self.contiguous      # linear_qkv's output is [q; k; v]
+        if cpu_kernel and self.qkv_concat and not self.contiguous:
+            self.linear_qkv.set_out_perm(qkv_order(nq, nkv, d))
+            self.split_qkv = True
 
     def _project(self, x):
         b, s, _ = x.shape
@@ -77,7 +91,7 @@ class Qwen3Attention(Attention):
             q = ops.reshape(self.linear_q(x), (b, s, nq, d))
             k = ops.reshape(self.linear_k(x), (b, s, nkv, d))
             v = ops.reshape(self.linear_v(x), (b, s, nkv, d))
-        elif self.contiguous:
+        elif self.split_qkv:
             qkv = self.linear_qkv(x)
             q = ops.reshape(qkv[:, :, :nq * d], (b, s, nq, d))
             k = ops.reshape(qkv[:, :, nq * d:(nq + nkv) * d], (b, s, nkv, d))
@@ -108,12 +122,16 @@ class Qwen3MLP(FeedForward):
             self.gating = Linear(h, i, False, pd, cd, std)
             self.hidden = Linear(h, i, False, pd, cd, std)
         self.linear_fc2 = Linear(i, h, False, pd, cd, std)
+        self.split_halves = not self.interleaved    # linear_fc1's output is [gate; up]
+        if cpu_kernel and self.concat and self.interleaved:
+            self.linear_fc1.set_out_perm(np.concatenate([np.arange(0, 2 * i, 2), np.arange(1, 2 * i, 2)]))
+            self.split_halves = True
 
     def _gate_up(self, x):
         if not self.concat:
             return self.gating(x), self.hidden(x)
         y = self.linear_fc1(x)
-        if self.interleaved:
+        if not self.split_halves:
             y = ops.reshape(y, y.shape[:-1] + (self.inter, 2))
             return y[..., 0], y[..., 1]
         return y[..., :self.inter], y[..., self.inter:]

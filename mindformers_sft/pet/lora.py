@@ -48,7 +48,7 @@ class LoraLinear(nn.Cell):
         h = x if self.dropout is None else self.dropout(x)
         h = ops.reshape(ops.cast(h, self.base.compute_dtype), (-1, self.base.in_features))
         h = self.matmul_a(h, ops.cast(self.lora_a, self.base.compute_dtype))
-        h = self.matmul_b(h, ops.cast(self.lora_b, self.base.compute_dtype)) * self.scaling
+        h = self.matmul_b(h, ops.cast(self.base.rows(self.lora_b), self.base.compute_dtype)) * self.scaling
         return y + ops.reshape(h, shape[:-1] + (self.base.out_features,))
 
     def merged_weight(self) -> np.ndarray:

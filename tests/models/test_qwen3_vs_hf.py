@@ -66,6 +66,9 @@ def test_logits_and_loss_match_hf(pair, kernels, monkeypatch):
         monkeypatch.setenv("MFSFT_CPU_KERNELS", "0")
     ours = from_hf_dir(path)
     assert isinstance(ours, Qwen3ForCausalLM) and ours.cpu_kernel == (kernels == "fused")
+    layer = ours.decoder.layers[0]      # the fused path reads MF's interleaved rows in [q; k; v] / [gate; up] order
+    assert (layer.self_attention.linear_qkv.out_perm is not None) == (kernels == "fused")
+    assert (layer.mlp.linear_fc1.out_perm is not None) == (kernels == "fused")
     ids = _ids()
     np.testing.assert_allclose(ours.logits(Tensor(ids)).asnumpy(), _hf_logits(hf, ids), atol=1e-4, rtol=0)
     full = _ids(s=13, seed=1)
@@ -186,3 +189,27 @@ def test_unsupported_qwen3_options_are_refused():
     for key in ("attention_bias", "use_sliding_window"):
         with pytest.raises(ConfigError, match=f"config.json: {key} True is not supported for qwen3"):
             LlamaConfig.from_hf_config({**base, key: True})
+
+
+def test_out_perm_orders_rows_as_the_converter_splits_them():
+    """qkv_order / the fc1 permutation put MF's interleaved rows (as convert/names_qwen3 builds them) in
+    [q; k; v] / [gate; up] order; a LoRA B of the permuted Linear follows its rows."""
+    from mindformers_sft.models.llama import Linear
+    from mindformers_sft.models.qwen3 import qkv_order
+    from mindformers_sft.pet.lora import LoraLinear
+    rs = np.random.RandomState(0)
+    nq, nkv, d, h = 4, 2, 3, 5
+    q, k, v = rs.randn(nq * d, h), rs.randn(nkv * d, h), rs.randn(nkv * d, h)
+    fused = names_qwen3.qkv_concat(q, k, v, nq, nkv, d)
+    np.testing.assert_array_equal(fused[qkv_order(nq, nkv, d)], np.concatenate((q, k, v)))
+    lin = Linear(h, fused.shape[0])
+    lin.weight.set_data(Tensor(fused.astype(np.float32)))
+    lin.set_out_perm(qkv_order(nq, nkv, d))
+    lora = LoraLinear(lin, 2, 4.0, 0.0, "x")
+    lora.lora_b.set_data(Tensor(rs.randn(fused.shape[0], 2).astype(np.float32)))
+    x = rs.randn(3, h).astype(np.float32)
+    merged = lora.merged_weight()         # stored (interleaved) row order
+    got = lora(Tensor(x)).asnumpy()
+    np.testing.assert_allclose(got, x @ merged[qkv_order(nq, nkv, d)].T, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="permutation"):
+        Linear(h, 4).set_out_perm([0, 1, 1, 3])
