@@ -1,7 +1,8 @@
 // Fused attention (MindSpore Custom "aot" ops), fp32: rotary embedding + causal/segment-masked softmax attention
 // with grouped KV heads, forward and backward, never materializing the (S, T) score matrix (flash-attention
-// style, exact softmax). Shapes, visibility, the generic (any head_dim) path and the entry points; the
-// fixed-head_dim SIMD path is cpu_attention_simd_kernels.cc (compiled after this file).
+// style, exact softmax). Shapes, visibility, the generic (any head_dim) path and the entry points; the paths
+// tried first, compiled after this file: GEMMs over blocks of query rows (cpu_attention_gemm_kernels.cc, when
+// oneDNN's sgemm is found), then the fixed-head_dim SIMD rows (cpu_attention_simd_kernels.cc).
 // Compiled as one translation unit after cpu_kernels.cc (models/kernels.py joins the sources in the order of
 // CPU_SOURCE_FILES), so it uses that file's includes and helpers: parallel_for, n_threads, fexp, is_f32, is_i32.
 #include <memory>
@@ -173,6 +174,10 @@ bool parse_attn(void **params, const char **dtypes, AttnArgs &a) {
   return true;
 }
 
+// the GEMM path (cpu_attention_gemm_kernels.cc); false when oneDNN's sgemm is not found or MFSFT_ATTN_GEMM=0
+bool fwd_gemm(const AttnArgs &a, const Dims &m, const Visibility &vis, float scale, float *o, float *lse);
+bool bwd_gemm(const AttnArgs &a, const Dims &m, const Visibility &vis, float scale, const float *o, const float *lse,
+              const float *dout, float *dq, float *dk, float *dv);
 // the fixed-head_dim path (cpu_attention_simd_kernels.cc); false when head_dim is not one it has
 bool fwd_fixed(const AttnArgs &a, const Dims &m, const Visibility &vis, float scale, float *o, float *lse);
 bool bwd_fixed(const AttnArgs &a, const Dims &m, const Visibility &vis, float scale, const float *o, const float *lse,
@@ -188,7 +193,7 @@ int attn_fwd(int nparam, void **params, int64_t **shapes, const char **dtypes, b
   if (m.NK <= 0 || m.NQ % m.NK || m.D % 2) return 2;
   const float scale = a.scale[0];
   const Visibility vis(a.qpos, a.kpos, a.qseg, a.kseg, m.B, m.S, m.T, m.NK);
-  if (fwd_fixed(a, m, vis, scale, o, lse)) return 0;
+  if (fwd_gemm(a, m, vis, scale, o, lse) || fwd_fixed(a, m, vis, scale, o, lse)) return 0;
   parallel_for(m.B * m.NK, [&](int64_t task) {  // any other (even) head_dim
     const int64_t b = task / m.NK, g = task % m.NK, S = m.S, T = m.T, D = m.D;
     std::vector<float> KT(D * T), VT(D * T), s(T), qr(D);
@@ -248,7 +253,8 @@ int attn_bwd(int nparam, void **params, int64_t **shapes, const char **dtypes, b
   if (m.NK <= 0 || m.NQ % m.NK || m.D % 2) return 2;
   const float scale = a.scale[0];
   const Visibility vis(a.qpos, a.kpos, a.qseg, a.kseg, m.B, m.S, m.T, m.NK);
-  if (bwd_fixed(a, m, vis, scale, o, lse, dout, dq, dk, dv)) return 0;
+  if (bwd_gemm(a, m, vis, scale, o, lse, dout, dq, dk, dv) || bwd_fixed(a, m, vis, scale, o, lse, dout, dq, dk, dv))
+    return 0;
   parallel_for(m.B * m.NK, [&](int64_t task) {  // any other (even) head_dim
     const int64_t b = task / m.NK, g = task % m.NK, S = m.S, T = m.T, D = m.D;
     std::vector<float> KT(D * T), VT(D * T), dKT(D * T, 0.0f), dVT(D * T, 0.0f), s(T), dp(T), qr(D), qsc(D),

@@ -1,17 +1,18 @@
 // mindformers_sft CPU kernels (MindSpore Custom "aot" ops), fp32: what every kernel family shares.
 // The families, each in its own file, compiled with this one as a single translation unit in the order of
 // CPU_SOURCE_FILES (models/kernels.py), into one library:
-//   cpu_attention_kernels.cc (+ cpu_attention_simd_kernels.cc): rotary embedding + causal/segment-masked softmax
-//              attention with grouped KV heads, forward and backward, never materializing the (S, T) score matrix
-//              (flash-attention style, exact softmax).
+//   cpu_attention_kernels.cc (+ cpu_attention_simd_kernels.cc, cpu_attention_gemm_kernels.cc): rotary embedding
+//              + causal/segment-masked softmax attention with grouped KV heads, forward and backward, never
+//              materializing the (S, T) score matrix (exact softmax; GEMMs over blocks of query rows, or SIMD rows).
 //   cpu_cross_entropy_kernels.cc: per-row log-softmax loss and its gradient.
 //   cpu_norm_kernels.cc: RMSNorm, SwiGLU: forward and backward.
 //   cpu_adamw_kernels.cc: the flat AdamW step (trainer/optimizer.py).
 //   cpu_moe_kernels.cc: the mixture-of-experts block (models/moe.py).
-// Here: the includes, the thread pool (parallel_for), fexp, dtype checks, the MFSFT_OP export macro, and notify
+// Here: the includes, the thread pool (parallel_for), fexp, dtype checks, gemm, the MFSFT_OP export macro, and notify
 // (writes to an eventfd when a graph reaches it: the host sleeps instead of spinning).
 // Signature of every entry point: MindSpore's aot convention (nparam, params, ndims, shapes, dtypes, stream,
 // extra); inputs then outputs in `params`; a non-zero return makes MindSpore raise.
+#include <dlfcn.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -84,6 +85,55 @@ void parallel_for(int64_t n, F f, int64_t work = kMinParallelWork) {
 
 bool is_f32(const char *t) { return std::strcmp(t, "float32") == 0 || std::strcmp(t, "float") == 0; }
 bool is_i32(const char *t) { return std::strcmp(t, "int32") == 0 || std::strcmp(t, "int") == 0; }
+
+// GEMM: oneDNN's dnnl_sgemm from MindSpore's own libdnnl when it is loaded in the process (its threadpool runtime
+// runs it sequentially: callers parallelize over tasks), otherwise a plain loop. MFSFT_PLAIN_GEMM=1 (tests): the loop.
+using SgemmFn = int (*)(char, char, int64_t, int64_t, int64_t, float, const float *, int64_t, const float *, int64_t,
+                        float, float *, int64_t);
+
+SgemmFn find_sgemm() {
+  static SgemmFn fn = [] {
+    const char *off = std::getenv("MFSFT_PLAIN_GEMM");
+    if (off && std::strcmp(off, "1") == 0) return (SgemmFn) nullptr;
+    void *s = dlsym(RTLD_DEFAULT, "dnnl_sgemm");
+    if (!s) {
+      void *h = dlopen("libdnnl.so.3", RTLD_NOW | RTLD_NOLOAD);
+      if (h) s = dlsym(h, "dnnl_sgemm");
+    }
+    return (SgemmFn)s;
+  }();
+  return fn;
+}
+
+bool plain_gemm_forced() {
+  const char *off = std::getenv("MFSFT_PLAIN_GEMM");
+  return off && std::strcmp(off, "1") == 0;
+}
+
+// row-major C (M, N) = op(A) (M, K) @ op(B) (K, N) + beta * C; op = transpose when ta / tb
+void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const float *A, int64_t lda, const float *B, int64_t ldb,
+          float beta, float *C, int64_t ldc) {
+  if (M <= 0 || N <= 0) return;
+  SgemmFn f = find_sgemm();
+  if (K > 0 && f && f(ta ? 'T' : 'N', tb ? 'T' : 'N', M, N, K, 1.0f, A, lda, B, ldb, beta, C, ldc) == 0) return;
+  for (int64_t i = 0; i < M; ++i) {
+    float *__restrict c = C + i * ldc;
+    for (int64_t j = 0; j < N; ++j) c[j] = beta == 0.0f ? 0.0f : beta * c[j];
+    if (tb) {
+      for (int64_t j = 0; j < N; ++j) {
+        float acc = 0.0f;
+        for (int64_t k = 0; k < K; ++k) acc += (ta ? A[k * lda + i] : A[i * lda + k]) * B[j * ldb + k];
+        c[j] += acc;
+      }
+    } else {
+      for (int64_t k = 0; k < K; ++k) {
+        const float a = ta ? A[k * lda + i] : A[i * lda + k];
+        const float *__restrict b = B + k * ldb;
+        for (int64_t j = 0; j < N; ++j) c[j] += a * b[j];
+      }
+    }
+  }
+}
 
 }  // namespace
 

@@ -1,60 +1,15 @@
 // mindformers_sft CPU kernels for the mixture-of-experts block (models/moe.py), fp32, forward and backward.
 // Compiled as one translation unit after cpu_kernels.cc (models/kernels.py joins the two sources), so it uses that
-// file's helpers: parallel_for, n_threads, fexp, is_f32, is_i32.
+// file's helpers: parallel_for, n_threads, fexp, gemm, is_f32, is_i32.
 //
 // Shapes: x (T, H) tokens; p (T, K) routing weights; idx (T, K) int32 expert of each (token, slot) assignment;
 // w1 (E*H, 2F) = per expert (H, 2F), columns [0, F) gate, [F, 2F) up; w2 (E*F, H) = per expert (F, H).
 // The T*K assignments are sorted by expert (stable counting sort); each expert's rows are gathered and multiplied
 // by its weights with a GEMM (grouped matmul); an expert with no row does no work and gets a zero gradient.
-// GEMMs use oneDNN's dnnl_sgemm when MindSpore's libdnnl is loaded in the process (sequential, one call per task),
-// otherwise a plain loop.
-#include <dlfcn.h>
-
+// GEMMs: cpu_kernels.cc's gemm (oneDNN's sgemm, sequential, one call per task).
 #include <memory>
 
 namespace {
-
-using SgemmFn = int (*)(char, char, int64_t, int64_t, int64_t, float, const float *, int64_t, const float *, int64_t,
-                        float, float *, int64_t);
-
-SgemmFn find_sgemm() {
-  static SgemmFn fn = [] {
-    const char *off = std::getenv("MFSFT_MOE_PLAIN_GEMM");  // tests: the plain loop instead of oneDNN
-    if (off && std::strcmp(off, "1") == 0) return (SgemmFn) nullptr;
-    void *s = dlsym(RTLD_DEFAULT, "dnnl_sgemm");
-    if (!s) {
-      void *h = dlopen("libdnnl.so.3", RTLD_NOW | RTLD_NOLOAD);
-      if (h) s = dlsym(h, "dnnl_sgemm");
-    }
-    return (SgemmFn)s;
-  }();
-  return fn;
-}
-
-// row-major C (M, N) = op(A) (M, K) @ op(B) (K, N) + beta * C; op = transpose when ta / tb
-void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const float *A, int64_t lda, const float *B, int64_t ldb,
-          float beta, float *C, int64_t ldc) {
-  if (M <= 0 || N <= 0) return;
-  SgemmFn f = find_sgemm();
-  if (K > 0 && f && f(ta ? 'T' : 'N', tb ? 'T' : 'N', M, N, K, 1.0f, A, lda, B, ldb, beta, C, ldc) == 0) return;
-  for (int64_t i = 0; i < M; ++i) {
-    float *__restrict c = C + i * ldc;
-    for (int64_t j = 0; j < N; ++j) c[j] = beta == 0.0f ? 0.0f : beta * c[j];
-    if (tb) {
-      for (int64_t j = 0; j < N; ++j) {
-        float acc = 0.0f;
-        for (int64_t k = 0; k < K; ++k) acc += (ta ? A[k * lda + i] : A[i * lda + k]) * B[j * ldb + k];
-        c[j] += acc;
-      }
-    } else {
-      for (int64_t k = 0; k < K; ++k) {
-        const float a = ta ? A[k * lda + i] : A[i * lda + k];
-        const float *__restrict b = B + k * ldb;
-        for (int64_t j = 0; j < N; ++j) c[j] += a * b[j];
-      }
-    }
-  }
-}
 
 struct MoeDims {
   int64_t T, K, H, F, E;

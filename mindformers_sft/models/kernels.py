@@ -186,8 +186,8 @@ def _cpu_id() -> str:
 # pyproject.toml: package-data), compiled in this order as ONE translation unit: cpu_kernels.cc (includes and
 # shared helpers) first, each family after the files it uses; one library, one cache entry keyed by all of them.
 CPU_SOURCE_FILES = ("cpu_kernels.cc", "cpu_attention_kernels.cc", "cpu_attention_simd_kernels.cc",
-                    "cpu_cross_entropy_kernels.cc", "cpu_norm_kernels.cc", "cpu_adamw_kernels.cc",
-                    "cpu_moe_kernels.cc", "cpu_decode_kernels.cc")
+                    "cpu_attention_gemm_kernels.cc", "cpu_cross_entropy_kernels.cc", "cpu_norm_kernels.cc",
+                    "cpu_adamw_kernels.cc", "cpu_moe_kernels.cc", "cpu_decode_kernels.cc")
 
 
 @functools.lru_cache(maxsize=None)

@@ -198,7 +198,7 @@ def test_fused_kernel_plain_gemm_in_subprocess():
     import os
     import subprocess
     import sys
-    env = dict(os.environ, MFSFT_MOE_PLAIN_GEMM="1")
+    env = dict(os.environ, MFSFT_PLAIN_GEMM="1")
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                         f"{__file__}::test_block_matches_transformers", "-k", "fused"],
                        env=env, capture_output=True, text=True, timeout=300)

@@ -35,11 +35,13 @@ def _order(out, rank):
         return [json.loads(l)["samples"] for l in f]
 
 
-# 3e-5, was 1e-5: with unpadding (trainer/unpad.py) the single run packs 4 rows into one flat sequence and each
-# rank 2, so the attention kernel's SIMD chunks meet the segments at other offsets (another fp32 summation order);
-# measured 2.2e-5 after 3 steps at lr 1e-3 (MFSFT_UNPAD=0: within 1e-5). Exactness of unpadding itself:
-# tests/trainer/test_unpad.py.
-def _close(a, b, tol=3e-5):
+# The bound: fp32 summation order, not the algorithm. The single run packs 4 rows per flat sequence (unpadding,
+# trainer/unpad.py) and each rank 2, so the attention kernel's GEMM blocks and the (batch, kv head) work split meet
+# the rows differently; measured 7.0e-5 after 3 steps at lr 1e-3 (2.2e-5 with the SIMD-row attention,
+# MFSFT_ATTN_GEMM=0; 1e-5 with neither unpadding nor the GEMM path). What the test guards against moves weights by
+# about lr = 1e-3 per step (a rank's gradient left out of the all-reduce, other samples). Exactness of unpadding:
+# tests/trainer/test_unpad.py; of both attention paths: tests/models/test_attention_kernel.py.
+def _close(a, b, tol=1e-4):
     assert set(a) == set(b)
     worst = max(float(np.abs(a[k] - b[k]).max()) for k in a)
     assert worst <= tol, worst
