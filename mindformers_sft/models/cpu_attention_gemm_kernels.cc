@@ -109,20 +109,14 @@ void fwd_block(const AttnArgs &a, const Dims &m, const Visibility &vis, const Ke
       lse[row] = std::numeric_limits<float>::infinity();
       continue;
     }
-    float l = 0.0f;
-    for (int64_t j = lo; j < hi; ++j) {
-      const float p = fexp(s[j] - mx);
-      s[j] = p;
-      l += p;
-    }
-    const float inv = 1.0f / l;
+    const float l = exp_shifted(s, lo, hi, mx), inv = 1.0f / l;
     for (int64_t j = lo; j < hi; ++j) s[j] *= inv;
     lse[row] = mx + std::log(l);
   }
   gemm(false, false, M, D, L, S.data(), L, kr.V + blk.kb * kr.ldv, kr.ldv, 0.0f, O.data(), D);
   for (int64_t r = 0; r < M; ++r) {
     float *dst = o + m.off(blk.b, blk.head(m, r), blk.pos(r), m.NQ, m.S);
-    if (empty[r] || L == 0)
+    if (empty[r])
       mean_v(m, kr, dst);
     else
       std::memcpy(dst, &O[r * D], D * sizeof(float));
@@ -167,7 +161,7 @@ void bwd_block(const AttnArgs &a, const Dims &m, const Visibility &vis, const Ke
   gemm(true, false, L, D, M, S.data(), L, G.data(), D, 1.0f, dV + blk.kb * D, D);
   for (int64_t r = 0; r < M; ++r) {
     const int64_t i = blk.pos(r), qo = m.off(b, blk.head(m, r), i, m.NQ, m.S);
-    if (empty[r] || L == 0) {  // no visible key: o = mean(v); d/dv_j = do / T; nothing for q, k
+    if (empty[r]) {  // no visible key: o = mean(v); d/dv_j = do / T; nothing for q, k
       for (int64_t d = 0; d < D; ++d) dq[qo + d] = 0.0f;
       for (int64_t j = 0; j < m.T; ++j)
         for (int64_t d = 0; d < D; ++d) dV[j * D + d] += G[r * D + d] / (float)m.T;

@@ -147,6 +147,17 @@ inline int64_t row_scores(const float *qs, const float *KT, int64_t D, int64_t T
   return vis;
 }
 
+// s[j] = exp(s[j] - mx) for lo <= j < hi (masked -inf -> 0); returns their sum
+inline float exp_shifted(float *__restrict s, int64_t lo, int64_t hi, float mx) {
+  float l = 0.0f;
+  for (int64_t j = lo; j < hi; ++j) {
+    const float p = fexp(s[j] - mx);
+    s[j] = p;
+    l += p;
+  }
+  return l;
+}
+
 struct AttnArgs {
   const float *q, *k, *v, *qc, *qsn, *kc, *ksn, *scale;
   const int32_t *qpos, *kpos, *qseg, *kseg;
@@ -221,13 +232,7 @@ int attn_fwd(int nparam, void **params, int64_t **shapes, const char **dtypes, b
         float *__restrict sp = s.data();
         float mx = -std::numeric_limits<float>::infinity();
         for (int64_t j = jb; j < jend; ++j) mx = std::max(mx, sp[j]);
-        float l = 0.0f;
-        for (int64_t j = jb; j < jend; ++j) {
-          const float p = fexp(sp[j] - mx);
-          sp[j] = p;
-          l += p;
-        }
-        const float inv = 1.0f / l;
+        const float l = exp_shifted(sp, jb, jend, mx), inv = 1.0f / l;
         for (int64_t d = 0; d < D; ++d) {
           const float *__restrict vt = VT.data() + d * T;
           float acc = 0.0f;
