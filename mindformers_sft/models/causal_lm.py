@@ -2,6 +2,7 @@
 loss interface, attention masks, the logits head and KV-cache inference (class CausalLM)."""
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import numpy as np
@@ -71,6 +72,19 @@ class CausalLM(nn.Cell):
         self.cpu_kernel = (not self.fused) and self.compute_dtype == ms.float32 and kernels.cpu_kernels()
         self.tie = config.tie_word_embeddings
         self.head_matmul = ops.MatMul(transpose_b=True)
+        # the logits head fused with the cross entropy (kernels.head_cross_entropy) where the head is a plain matmul;
+        # MFSFT_FUSED_HEAD=0: a separate matmul and cross-entropy kernel
+        self.fused_head = self.cpu_kernel and os.environ.get("MFSFT_FUSED_HEAD", "1") != "0"
+        # whether training needs the gradient of the head's weight (set_head_trainable; the fused CPU head skips it)
+        self.head_trainable = True
+
+    def set_head_trainable(self, trainable: bool):
+        """Whether the logits head's weight is trained (TrainStep sets it before its graphs compile)."""
+        self.head_trainable = bool(trainable)
+
+    def head_weight(self):
+        """The (V, H) weight of the logits head when it is a plain matmul (tied table or plain output layer)."""
+        return self._embedding_table() if self.tie else self._output_weight()
 
     def _head(self, h):
         """Hidden (B, S, H) -> fp32 logits (B, S, V)."""
@@ -104,16 +118,26 @@ class CausalLM(nn.Cell):
         position_ids, mask = self._inputs(input_ids, position_ids, segment_ids)
         return self._head(self._decoder(input_ids, position_ids, mask))
 
+    def _output_weight(self):
+        """The untied output layer's weight (V, H) when that layer is a plain matmul (no bias, no adapter), else
+        None. Families override it; None keeps the head a separate op."""
+        return None
+
     def _ce_sum_and_count(self, h, targets):
         """(sum of token cross-entropies, count of supervised targets) of hidden h (B, S, H) vs targets (B, S)."""
-        logits = self._head(h)
-        vocab = logits.shape[-1]
-        logits = ops.reshape(logits, (-1, vocab))
         targets = ops.cast(ops.reshape(targets, (-1,)), ms.int32)
         valid = targets != self.ignore_token_id
         safe = ops.select(valid, targets, ops.zeros_like(targets))
         validf = ops.cast(valid, ms.float32)
-        return ops.sum(kernels.cross_entropy(logits, safe, self.cpu_kernel) * validf), ops.sum(validf)
+        weight = self.head_weight() if self.fused_head else None
+        if weight is not None:     # the head and the cross entropy in one CPU kernel
+            skip = ops.select(valid, targets, ops.full_like(targets, -1))   # rows without a target: no work
+            loss = kernels.head_cross_entropy(ops.reshape(h, (-1, h.shape[-1])), _cast(weight, ms.float32), skip,
+                                              self.head_trainable)
+        else:
+            logits = self._head(h)
+            loss = kernels.cross_entropy(ops.reshape(logits, (-1, logits.shape[-1])), safe, self.cpu_kernel)
+        return ops.sum(loss * validf), ops.sum(validf)
 
     def loss_sum_and_count(self, input_ids, labels=None, position_ids=None, segment_ids=None):
         tokens = input_ids[:, :-1]

@@ -162,6 +162,7 @@ _NOTIFY = None
 _RMS_NORM = None
 _SWIGLU = None
 _GRAD_SQ_SUM = None
+_HEAD_CROSS_ENTROPY = None
 
 
 def _cache_dir() -> str:
@@ -252,6 +253,22 @@ def _make_ops(so: str):
         return ce_bwd(x, t, out[1], dout[0]), ops.zeros_like(t)
     ce = ops.Custom(f"{so}:MfsftCrossEntropyFwd", out_shape=lambda x, t: ([x[0]], [x[0]]),
                     out_dtype=lambda *a: (f32, f32), func_type="aot", bprop=ce_bprop)
+    head_ce_bwd = ops.Custom(f"{so}:MfsftHeadCeBwd", out_shape=lambda h, w, *rest: (h, w),
+                             out_dtype=lambda *a: (f32, f32), func_type="aot")
+    head_ce_bwd_h = ops.Custom(f"{so}:MfsftHeadCeBwdInput", out_shape=lambda h, *rest: h, out_dtype=lambda *a: f32,
+                               func_type="aot")
+
+    def head_ce_bprop(h, w, t, out, dout):
+        dh, dw = head_ce_bwd(h, w, t, out[2], out[1], dout[0])
+        return dh, dw, ops.zeros_like(t)
+
+    def head_ce_bprop_frozen(h, w, t, out, dout):     # no gradient for the weight: half the backward's GEMMs
+        return head_ce_bwd_h(h, w, t, out[2], out[1], dout[0]), ops.zeros_like(w), ops.zeros_like(t)
+
+    def head_ce(name, bprop):
+        return ops.Custom(f"{so}:{name}", out_shape=lambda h, w, t: ([h[0]], [h[0]], [h[0], w[0]]),
+                          out_dtype=lambda *a: (f32, f32, f32), func_type="aot", bprop=bprop)
+    head_ce = (head_ce("MfsftHeadCeFwd", head_ce_bprop), head_ce("MfsftHeadCeFwdFrozen", head_ce_bprop_frozen))
     notify = ops.Custom(f"{so}:MfsftNotify", out_shape=lambda *a: [1], out_dtype=lambda *a: ms.int32,
                         func_type="aot")
     grad_sq = ops.Custom(f"{so}:MfsftGradSqSum", out_shape=lambda *a: [1], out_dtype=lambda *a: f32,
@@ -273,19 +290,19 @@ def _make_ops(so: str):
         return swiglu_bwd(g, u, dout)
     swiglu_op = ops.Custom(f"{so}:MfsftSwigluFwd", out_shape=lambda g, u: g, out_dtype=lambda *a: f32,
                            func_type="aot", bprop=swiglu_bprop)
-    return attn("BSND"), ce, notify, rms, swiglu_op, grad_sq
+    return attn("BSND"), ce, notify, rms, swiglu_op, grad_sq, head_ce
 
 
 def cpu_kernels() -> bool:
     """True when the fused CPU kernels can be used: device CPU, not disabled, and the library builds."""
-    global _ATTN_BSND, _CROSS_ENTROPY, _NOTIFY, _RMS_NORM, _SWIGLU, _GRAD_SQ_SUM
+    global _ATTN_BSND, _CROSS_ENTROPY, _NOTIFY, _RMS_NORM, _SWIGLU, _GRAD_SQ_SUM, _HEAD_CROSS_ENTROPY
     if ms.get_context("device_target") != "CPU" or os.environ.get("MFSFT_CPU_KERNELS", "1") == "0":
         return False
     if _CPU_STATE["ops"] is None and _CPU_STATE["error"] is None:
         try:
             so = _build_library()
-            (_ATTN_BSND, _CROSS_ENTROPY, _NOTIFY, _RMS_NORM, _SWIGLU,
-             _GRAD_SQ_SUM) = _CPU_STATE["ops"] = _make_ops(so)
+            (_ATTN_BSND, _CROSS_ENTROPY, _NOTIFY, _RMS_NORM, _SWIGLU, _GRAD_SQ_SUM,
+             _HEAD_CROSS_ENTROPY) = _CPU_STATE["ops"] = _make_ops(so)
             _CPU_STATE["so"] = so
         except Exception as e:  # no compiler, unwritable cache, MindSpore refusing the op: basic ops instead
             _CPU_STATE["error"] = f"{type(e).__name__}: {e}"
@@ -328,6 +345,18 @@ def cross_entropy(logits, targets, kernel: bool):
     m = ops.stop_gradient(ops.amax(logits, -1, True))
     lse = ops.log(ops.sum(ops.exp(logits - m), -1)) + ops.squeeze(m, -1)
     return lse - ops.squeeze(ops.gather_elements(logits, 1, ops.expand_dims(targets, -1)), -1)
+
+
+def head_cross_entropy(h, weight, targets, weight_grad=True):
+    """The logits head and the cross entropy in one CPU kernel (needs `cpu_kernels()`), fp32: h (N, H), weight
+    (V, H) (logits = h @ weight.T), targets (N,) int32 in [0, V), or -1 for a row without a target (its loss and
+    gradient are 0 and it costs nothing). Returns the per-row loss (N,), as cross_entropy(h @ weight.T, targets);
+    gradients flow to h and weight. The kernel runs the head's GEMMs by blocks
+    of the vocabulary and does each block's softmax work while the block is in cache (cpu_cross_entropy_kernels.cc);
+    the logits are kept for the backward, their gradient is never written out whole. weight_grad=False: the
+    weight's gradient is zeros (not computed; for a frozen weight)."""
+    loss, _, _ = _HEAD_CROSS_ENTROPY[0 if weight_grad else 1](h, weight, targets)
+    return loss
 
 
 class CompletionSignal:

@@ -82,6 +82,10 @@ class Linear(nn.Cell):
             raise ValueError(f"out_perm must be a permutation of {self.out_features} rows")
         self.out_perm = Tensor(perm)
 
+    def plain_weight(self):
+        """The weight when the layer is y = x @ weight.T exactly (no bias, stored rows in output order), else None."""
+        return self.weight if not self.has_bias and self.out_perm is None else None
+
     def rows(self, p):
         """A (out_features, ...) parameter in output order."""
         return p if self.out_perm is None else ops.gather(p, self.out_perm, 0)
@@ -286,6 +290,9 @@ class LlamaForCausalLM(CausalLM):
 
     def _output(self, h):
         return self.lm_head(h)
+
+    def _output_weight(self):
+        return self.lm_head.plain_weight() if isinstance(self.lm_head, Linear) else None
 
     def _decoder(self, tokens, position_ids, mask):
         return self.model(tokens, position_ids, mask)

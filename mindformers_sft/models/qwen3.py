@@ -222,6 +222,9 @@ class Qwen3ForCausalLM(CausalLM):
     def _output(self, h):
         return self.output_layer(h)
 
+    def _output_weight(self):
+        return self.output_layer.plain_weight() if isinstance(self.output_layer, Linear) else None
+
     def _decoder(self, tokens, position_ids, mask):
         return self.decoder(self.embedding(tokens), position_ids, mask)
 

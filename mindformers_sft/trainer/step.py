@@ -110,6 +110,9 @@ class TrainStep:
         self._graph_time = {}    # compiled function -> durations (s) of its last runs
         self._compiled = set()
         self._rows = selects_rows(model)
+        if hasattr(model, "set_head_trainable"):    # a frozen head (LoRA): its weight's gradient is not computed
+            head = model.head_weight()
+            model.set_head_trainable(head is None or any(w is head for w in self.weights))
         loss_fn = self._rows_loss_sum if self._rows else self._scaled_loss_sum
         grad_fn = ms.value_and_grad(loss_fn, None, self.weights, has_aux=True)
 
