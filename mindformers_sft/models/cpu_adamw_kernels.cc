@@ -16,39 +16,59 @@ int64_t numel(int nd, const int64_t *shape) {
   return n;
 }
 
-// inputs: inv (1,), k gradients; output: (1,) sum over all elements of (g * inv)^2
+// inputs: inv (1,), k gradients; output: (1,) sum over all elements of (g * inv)^2, accumulated in double by
+// (gradient, chunk) tasks on the kernel threads, 8 lanes each, the partial sums added in task order (the same
+// result whatever the thread count)
 int grad_sq_sum(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
   const int k = nparam - 2;
   for (int i = 0; i < nparam; ++i)
     if (!is_f32(dtypes[i])) return 1;
   const float inv = *(const float *)params[0];
-  double acc = 0.0;
+  constexpr int64_t kChunk = 1 << 16;
+  std::vector<int64_t> size(k), first(k + 1, 0);
   for (int t = 0; t < k; ++t) {
-    const float *g = (const float *)params[1 + t];
-    const int64_t n = numel(ndims[1 + t], shapes[1 + t]);
-    for (int64_t i = 0; i < n; ++i) {
-      const float x = g[i] * inv;
-      acc += (double)(x * x);
-    }
+    size[t] = numel(ndims[1 + t], shapes[1 + t]);
+    first[t + 1] = first[t] + (size[t] + kChunk - 1) / kChunk;
   }
+  std::vector<double> partial(first[k], 0.0);
+  parallel_for(first[k], [&](int64_t task) {
+    const int t = (int)(std::upper_bound(first.begin(), first.end(), task) - first.begin()) - 1;
+    const float *g = (const float *)params[1 + t];
+    const int64_t lo = (task - first[t]) * kChunk, hi = std::min(size[t], lo + kChunk);
+    double lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t i = lo;
+    for (; i + 8 <= hi; i += 8)
+      for (int j = 0; j < 8; ++j) {
+        const float x = g[i + j] * inv;
+        lane[j] += (double)(x * x);
+      }
+    for (; i < hi; ++i) {
+      const float x = g[i] * inv;
+      lane[0] += (double)(x * x);
+    }
+    partial[task] = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+  }, first[k] * kChunk);
+  double acc = 0.0;
+  for (double x : partial) acc += x;
   *(float *)params[nparam - 1] = (float)acc;
   return 0;
 }
 
 // inputs: k gradients, k parameters, m (N,), v (N,), scal (6,) = [lr, bc1, bc2, inv_tokens, clip factor, apply],
 //         hyper (6,) = [beta1, 1 - beta1, beta2, 1 - beta2, eps, weight_decay], decays (k,) 1/0;
-// outputs: m (N,), v (N,), k parameters. With apply == 0 the outputs are the inputs.
+// output: a token, int32 (1,). The parameters, m and v are updated where they are (the inputs: no copies, no Assign
+// ops in the graph); with apply == 0 nothing changes.
 int adamw_flat(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
-  if ((nparam - 7) % 3 != 0) return 1;
-  const int k = (nparam - 7) / 3;
-  for (int i = 0; i < nparam; ++i)
+  if ((nparam - 6) % 2 != 0 || !is_i32(dtypes[nparam - 1])) return 1;
+  const int k = (nparam - 6) / 2;
+  for (int i = 0; i < nparam - 1; ++i)
     if (!is_f32(dtypes[i])) return 1;
-  const float *m = (const float *)params[2 * k], *v = (const float *)params[2 * k + 1];
+  float *m = (float *)params[2 * k], *v = (float *)params[2 * k + 1];
   const float *scal = (const float *)params[2 * k + 2], *hyper = (const float *)params[2 * k + 3];
   const float *decays = (const float *)params[2 * k + 4];
-  float *mo = (float *)params[2 * k + 5], *vo = (float *)params[2 * k + 6];
+  *(int32_t *)params[nparam - 1] = 1;
   const float lr = scal[0], bc1 = scal[1], bc2 = scal[2], inv = scal[3], factor = scal[4];
-  const bool apply = scal[5] != 0.0f;
+  if (scal[5] == 0.0f) return 0;     // not applied
   const float b1 = hyper[0], omb1 = hyper[1], b2 = hyper[2], omb2 = hyper[3], eps = hyper[4], wd = hyper[5];
   const float step_lr = lr / bc1, coef = lr * wd;
   // (parameter, chunk) tasks of at most kChunk elements, on the kernel threads (elementwise: same numbers)
@@ -61,16 +81,10 @@ int adamw_flat(int nparam, void **params, int *ndims, int64_t **shapes, const ch
   }
   parallel_for(first[k], [&](int64_t task) {
     const int t = (int)(std::upper_bound(first.begin(), first.end(), task) - first.begin()) - 1;
-    const float *g = (const float *)params[t], *p = (const float *)params[k + t];
-    float *po = (float *)params[2 * k + 7 + t];
+    const float *g = (const float *)params[t];
+    float *p = (float *)params[k + t];
     const int64_t n = offs[t + 1] - offs[t], off = offs[t];
     const int64_t lo = (task - first[t]) * kChunk, hi = std::min(n, lo + kChunk);
-    if (!apply) {
-      std::memcpy(po + lo, p + lo, (hi - lo) * sizeof(float));
-      std::memcpy(mo + off + lo, m + off + lo, (hi - lo) * sizeof(float));
-      std::memcpy(vo + off + lo, v + off + lo, (hi - lo) * sizeof(float));
-      return;
-    }
     const bool decay = decays[t] != 0.0f && wd > 0.0f;
     for (int64_t i = lo; i < hi; ++i) {
       const float gi = (g[i] * inv) * factor;
@@ -79,9 +93,9 @@ int adamw_flat(int nparam, void **params, int *ndims, int64_t **shapes, const ch
       const float mi = b1 * m[off + i] + omb1 * gi;
       const float vi = b2 * v[off + i] + (omb2 * gi) * gi;
       const float denom = std::sqrt(vi / bc2) + eps;
-      po[i] = pi - (step_lr * mi) / denom;
-      mo[off + i] = mi;
-      vo[off + i] = vi;
+      p[i] = pi - (step_lr * mi) / denom;
+      m[off + i] = mi;
+      v[off + i] = vi;
     }
   }, offs[k]);
   return 0;

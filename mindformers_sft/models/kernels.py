@@ -408,11 +408,11 @@ def grad_sq_sum(inv, grads):
 
 def adamw_flat_op(n_params: int):
     """The fused AdamW update of trainer/optimizer.py (flat mode) for `n_params` fp32 parameters (needs
-    `cpu_kernels()`): op(*grads, *params, m, v, scal, hyper, decays) -> (m, v, *params); see cpu_adamw_kernels.cc."""
-    k = n_params
-    return ops.Custom(f"{_CPU_STATE['so']}:MfsftAdamWFlat",
-                      out_shape=lambda *s: (s[2 * k], s[2 * k + 1]) + tuple(s[k:2 * k]),
-                      out_dtype=lambda *a: (ms.float32,) * (k + 2), func_type="aot")
+    `cpu_kernels()`): op(*grads, *params, m, v, scal, hyper, decays) -> int32 (1,) token; the parameters and the
+    moments are updated where they are (no copies, no Assign ops), see cpu_adamw_kernels.cc. A graph must return
+    (or depend on) the token, and nothing in it may read the parameters after the op."""
+    return ops.Custom(f"{_CPU_STATE['so']}:MfsftAdamWFlat", out_shape=lambda *s: [1],
+                      out_dtype=lambda *a: ms.int32, func_type="aot")
 
 
 def notify(*tensors):

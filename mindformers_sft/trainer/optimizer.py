@@ -62,7 +62,7 @@ class AdamW(nn.Cell):
             mask = np.concatenate([np.full(k, 1.0 if d else 0.0, np.float32)
                                    for k, d in zip(self.sizes, self.decay_flags)])
             self.decay_mask = Tensor(mask) if 0 < mask.sum() < mask.size else None
-            # on CPU with our kernels: the whole flat update in one kernel (kernels.adamw_flat_op)
+            # on CPU with our kernels: the whole flat update in one kernel, in place (kernels.adamw_flat_op)
             self.fused = kernels.cpu_kernels()
             if self.fused:
                 self._fused_op = kernels.adamw_flat_op(len(self.params))
@@ -115,11 +115,10 @@ class AdamW(nn.Cell):
         bc1 = 1.0 - ops.pow(Tensor(self.beta1, ms.float32), stepf)
         bc2 = 1.0 - ops.pow(Tensor(self.beta2, ms.float32), stepf)
         scal = ops.stack([ops.reshape(ops.cast(x, ms.float32), ()) for x in (lr, bc1, bc2, inv_tokens, factor, apply)])
-        out = self._fused_op(*grads, *self.params, self.exp_avg_flat, self.exp_avg_sq_flat, scal, self._hyper,
-                             self._decays)
-        done = (ops.assign(self.exp_avg_flat, out[0]), ops.assign(self.exp_avg_sq_flat, out[1]))
-        for i in range(len(self.params)):
-            done += (ops.assign(self.params[i], out[2 + i]),)
+        # in place: the kernel writes the parameters and moments where they are (its inputs) and returns a token
+        # (the gradients it reads were computed from the parameters: everything that reads them comes before it)
+        done = self._fused_op(*grads, *self.params, self.exp_avg_flat, self.exp_avg_sq_flat, scal, self._hyper,
+                              self._decays)
         return ops.depend(step, done)
 
     def _update_flat(self, g, lr, bc1, bc2, apply):
