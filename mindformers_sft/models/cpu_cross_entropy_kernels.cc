@@ -6,6 +6,26 @@
 // is_i32.
 namespace {
 
+// max of x[0 .. n) (-inf for n == 0), with vector intrinsics where the build has them (a plain max loop is not
+// vectorized without -ffinite-math-only, which the masks' -inf rule out)
+inline float row_max(const float *__restrict x, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  __m512 v = _mm512_set1_ps(m);
+  for (; i + 16 <= n; i += 16) v = _mm512_max_ps(v, _mm512_loadu_ps(x + i));
+  m = _mm512_reduce_max_ps(v);
+#elif defined(__AVX__)
+  __m256 v = _mm256_set1_ps(m);
+  for (; i + 8 <= n; i += 8) v = _mm256_max_ps(v, _mm256_loadu_ps(x + i));
+  float lanes[8];
+  _mm256_storeu_ps(lanes, v);
+  for (float l : lanes) m = std::max(m, l);
+#endif
+  for (; i < n; ++i) m = std::max(m, x[i]);
+  return m;
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // cross entropy over the last axis: logits (N, V) fp32, targets (N,) int32 in [0, V)
 // ---------------------------------------------------------------------------------------------------------------
@@ -22,8 +42,7 @@ int ce_fwd(int nparam, void **params, int64_t **shapes, const char **dtypes) {
   parallel_for((N + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t task) {
     for (int64_t n = task * kRowsPerTask; n < std::min(N, (task + 1) * kRowsPerTask); ++n) {
       const float *__restrict r = x + n * V;
-      float mx = -std::numeric_limits<float>::infinity();
-      for (int64_t j = 0; j < V; ++j) mx = std::max(mx, r[j]);
+      const float mx = row_max(r, V);
       float l = 0.0f;
       for (int64_t j = 0; j < V; ++j) l += fexp(r[j] - mx);
       const float z = mx + std::log(l);
@@ -116,9 +135,7 @@ int head_ce_fwd(int nparam, void **params, int *ndims, int64_t **shapes, const c
       gemm(false, true, C, n, H, rows.h.data(), H, w + j0 * H, H, 0.0f, logits + j0, V);
       for (int64_t c = 0; c < C; ++c) {
         const float *__restrict x = logits + c * V + j0;
-        float bm = ninf;
-        for (int64_t j = 0; j < n; ++j) bm = std::max(bm, x[j]);
-        const float nm = std::max(m[c], bm);
+        const float nm = std::max(m[c], row_max(x, n));
         float acc = 0.0f;
         for (int64_t j = 0; j < n; ++j) acc += fexp(x[j] - nm);
         s[c] = (m[c] == ninf ? 0.0f : s[c] * fexp(m[c] - nm)) + acc;

@@ -25,6 +25,9 @@
 #include <thread>
 #include <vector>
 #include <sched.h>
+#if defined(__AVX512F__) || defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
