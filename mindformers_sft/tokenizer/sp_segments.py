@@ -51,6 +51,9 @@ def _exact_for(sp, proto: bytes) -> bool:
     if not ns.add_dummy_prefix or ns.remove_extra_whitespaces or not ns.escape_whitespaces:
         return False
     pieces = sp.id_to_piece(list(range(sp.get_piece_size())))     # one call (faster than the proto's pieces)
+    joined = "\x00".join(pieces)                 # one regex pass: a space mark after another character
+    if joined.count("\x00") == len(pieces) - 1:
+        return re.search(f"[^\x00{_SPACE}]{_SPACE}", joined) is None
     return not any(_SPACE in p.lstrip(_SPACE) for p in pieces)
 
 

@@ -63,3 +63,16 @@ def test_not_used_when_not_exact():
     sp2.LoadFromSerializedProto(changed)
     assert sp2.encode("a  b") == sp2.encode("a b")
     assert segment_encoder(sp2, changed) is None
+
+
+def test_not_used_when_a_piece_spans_words():
+    """A piece with a space mark after its start ("a▁b") can join two words: segment-wise encoding is not exact."""
+    proto = LLAMA_MODEL.read_bytes()
+    m = pb.ModelProto()
+    m.ParseFromString(proto)
+    m.pieces[1000].piece = "of\u2581the"
+    changed = m.SerializeToString()
+    sp2 = spm.SentencePieceProcessor()
+    sp2.LoadFromSerializedProto(changed)
+    assert sp2.id_to_piece(1000) == "of\u2581the"
+    assert segment_encoder(sp2, changed) is None
