@@ -86,7 +86,50 @@ int adamw_flat(int nparam, void **params, int *ndims, int64_t **shapes, const ch
     const int64_t n = offs[t + 1] - offs[t], off = offs[t];
     const int64_t lo = (task - first[t]) * kChunk, hi = std::min(n, lo + kChunk);
     const bool decay = decays[t] != 0.0f && wd > 0.0f;
-    for (int64_t i = lo; i < hi; ++i) {
+    int64_t i = lo;
+    // vector lanes: the same operations in the same order (separate multiplies and adds, IEEE sqrt and division
+    // per lane), so the same bits as the scalar loop; written out because std::sqrt's errno keeps GCC from
+    // vectorizing that loop under this file's optimize pragma
+#if defined(__AVX512F__)
+    {
+      const __m512 vinv = _mm512_set1_ps(inv), vfac = _mm512_set1_ps(factor), vcoef = _mm512_set1_ps(coef);
+      const __m512 vb1 = _mm512_set1_ps(b1), vomb1 = _mm512_set1_ps(omb1), vb2 = _mm512_set1_ps(b2);
+      const __m512 vomb2 = _mm512_set1_ps(omb2), vbc2 = _mm512_set1_ps(bc2), veps = _mm512_set1_ps(eps);
+      const __m512 vslr = _mm512_set1_ps(step_lr);
+      for (; i + 16 <= hi; i += 16) {
+        const __m512 gi = _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(g + i), vinv), vfac);
+        __m512 pi = _mm512_loadu_ps(p + i);
+        if (decay) pi = _mm512_sub_ps(pi, _mm512_mul_ps(vcoef, pi));
+        const __m512 mi = _mm512_add_ps(_mm512_mul_ps(vb1, _mm512_loadu_ps(m + off + i)), _mm512_mul_ps(vomb1, gi));
+        const __m512 vi = _mm512_add_ps(_mm512_mul_ps(vb2, _mm512_loadu_ps(v + off + i)),
+                                        _mm512_mul_ps(_mm512_mul_ps(vomb2, gi), gi));
+        const __m512 denom = _mm512_add_ps(_mm512_sqrt_ps(_mm512_div_ps(vi, vbc2)), veps);
+        _mm512_storeu_ps(p + i, _mm512_sub_ps(pi, _mm512_div_ps(_mm512_mul_ps(vslr, mi), denom)));
+        _mm512_storeu_ps(m + off + i, mi);
+        _mm512_storeu_ps(v + off + i, vi);
+      }
+    }
+#elif defined(__AVX__)
+    {
+      const __m256 vinv = _mm256_set1_ps(inv), vfac = _mm256_set1_ps(factor), vcoef = _mm256_set1_ps(coef);
+      const __m256 vb1 = _mm256_set1_ps(b1), vomb1 = _mm256_set1_ps(omb1), vb2 = _mm256_set1_ps(b2);
+      const __m256 vomb2 = _mm256_set1_ps(omb2), vbc2 = _mm256_set1_ps(bc2), veps = _mm256_set1_ps(eps);
+      const __m256 vslr = _mm256_set1_ps(step_lr);
+      for (; i + 8 <= hi; i += 8) {
+        const __m256 gi = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(g + i), vinv), vfac);
+        __m256 pi = _mm256_loadu_ps(p + i);
+        if (decay) pi = _mm256_sub_ps(pi, _mm256_mul_ps(vcoef, pi));
+        const __m256 mi = _mm256_add_ps(_mm256_mul_ps(vb1, _mm256_loadu_ps(m + off + i)), _mm256_mul_ps(vomb1, gi));
+        const __m256 vi = _mm256_add_ps(_mm256_mul_ps(vb2, _mm256_loadu_ps(v + off + i)),
+                                        _mm256_mul_ps(_mm256_mul_ps(vomb2, gi), gi));
+        const __m256 denom = _mm256_add_ps(_mm256_sqrt_ps(_mm256_div_ps(vi, vbc2)), veps);
+        _mm256_storeu_ps(p + i, _mm256_sub_ps(pi, _mm256_div_ps(_mm256_mul_ps(vslr, mi), denom)));
+        _mm256_storeu_ps(m + off + i, mi);
+        _mm256_storeu_ps(v + off + i, vi);
+      }
+    }
+#endif
+    for (; i < hi; ++i) {
       const float gi = (g[i] * inv) * factor;
       float pi = p[i];
       if (decay) pi = pi - coef * pi;
