@@ -188,6 +188,7 @@ def side_by_side(data, mode, lr, warmup, name, rounds):
     sides["ours"], kernels_on = setup_ours(mode, name)
     res = {k: ([], []) for k in sides}
     timed = data[warmup:]
+    rounds = min(rounds, len(timed))           # no empty round
     per = max(1, len(timed) // rounds)
     for k, step in sides.items():
         res[k][1].extend(step(b, lr) for b in data[:warmup])
@@ -223,7 +224,8 @@ def main():
     import torch
     threads = torch.get_num_threads()
     model_dir(a.model)
-    data, a.warmup = warmup_first(batches(a.batch, a.seq, a.steps + a.warmup + 4), a.warmup)
+    # spare batches: the warm-up takes one batch of each graph shape, the timed steps must still be a.steps
+    data, a.warmup = warmup_first(batches(a.batch, a.seq, a.steps + a.warmup + 32), a.warmup)
     data = data[:a.warmup + a.steps]
     lr = 1e-3
     r = MODELS[a.model][5]

@@ -23,7 +23,7 @@ run() {   # run NAME ARGS...: log to bench/results/NAME.txt
 FILTER=${1:-}
 run train_19m_full bench/bench_train.py --model 19m --mode full
 run train_19m_lora bench/bench_train.py --model 19m --mode lora
-run train_135m_full bench/bench_train.py --model 135m --mode full --steps 6
+run train_135m_full bench/bench_train.py --model 135m --mode full --steps 12
 run train_135m_lora bench/bench_train.py --model 135m --mode lora
 run memory_lora bench/bench_memory.py --model 19m --mode lora
 run memory_lora_stories bench/bench_memory.py --model stories --mode lora
