@@ -54,6 +54,43 @@ int grad_sq_sum(int nparam, void **params, int *ndims, int64_t **shapes, const c
   return 0;
 }
 
+// One AdamW update of T = float or a vector of floats (GCC vector types: the operators act per lane, no FMA under
+// this file's pragma), the operations in the basic-ops order, so every lane gives the scalar loop's bits. Written
+// with vector types because std::sqrt's errno keeps GCC from vectorizing the scalar loop under that pragma.
+struct AdamWCoef {
+  float inv, factor, coef, b1, omb1, b2, omb2, bc2, eps, step_lr;
+};
+
+inline float lanes_sqrt(float x) { return std::sqrt(x); }
+#if defined(__AVX512F__)
+#define MFSFT_ADAMW_LANES
+using AdamWLanes = __m512;
+constexpr int64_t kAdamWLanes = 16;
+inline __m512 lanes_sqrt(__m512 x) { return _mm512_sqrt_ps(x); }
+#elif defined(__AVX__)
+#define MFSFT_ADAMW_LANES
+using AdamWLanes = __m256;
+constexpr int64_t kAdamWLanes = 8;
+inline __m256 lanes_sqrt(__m256 x) { return _mm256_sqrt_ps(x); }
+#endif
+
+template <class T>
+inline void adamw_update(const AdamWCoef &c, bool decay, const float *g, float *p, float *m, float *v) {
+  T gi, pi, mi, vi;
+  std::memcpy(&gi, g, sizeof(T));
+  std::memcpy(&pi, p, sizeof(T));
+  std::memcpy(&mi, m, sizeof(T));
+  std::memcpy(&vi, v, sizeof(T));
+  gi = (gi * c.inv) * c.factor;
+  if (decay) pi = pi - c.coef * pi;
+  mi = c.b1 * mi + c.omb1 * gi;
+  vi = c.b2 * vi + (c.omb2 * gi) * gi;
+  pi = pi - (c.step_lr * mi) / (lanes_sqrt(vi / c.bc2) + c.eps);
+  std::memcpy(p, &pi, sizeof(T));
+  std::memcpy(m, &mi, sizeof(T));
+  std::memcpy(v, &vi, sizeof(T));
+}
+
 // inputs: k gradients, k parameters, m (N,), v (N,), scal (6,) = [lr, bc1, bc2, inv_tokens, clip factor, apply],
 //         hyper (6,) = [beta1, 1 - beta1, beta2, 1 - beta2, eps, weight_decay], decays (k,) 1/0;
 // output: a token, int32 (1,). The parameters, m and v are updated where they are (the inputs: no copies, no Assign
@@ -86,60 +123,13 @@ int adamw_flat(int nparam, void **params, int *ndims, int64_t **shapes, const ch
     const int64_t n = offs[t + 1] - offs[t], off = offs[t];
     const int64_t lo = (task - first[t]) * kChunk, hi = std::min(n, lo + kChunk);
     const bool decay = decays[t] != 0.0f && wd > 0.0f;
+    const AdamWCoef c{inv, factor, coef, b1, omb1, b2, omb2, bc2, eps, step_lr};
     int64_t i = lo;
-    // vector lanes: the same operations in the same order (separate multiplies and adds, IEEE sqrt and division
-    // per lane), so the same bits as the scalar loop; written out because std::sqrt's errno keeps GCC from
-    // vectorizing that loop under this file's optimize pragma
-#if defined(__AVX512F__)
-    {
-      const __m512 vinv = _mm512_set1_ps(inv), vfac = _mm512_set1_ps(factor), vcoef = _mm512_set1_ps(coef);
-      const __m512 vb1 = _mm512_set1_ps(b1), vomb1 = _mm512_set1_ps(omb1), vb2 = _mm512_set1_ps(b2);
-      const __m512 vomb2 = _mm512_set1_ps(omb2), vbc2 = _mm512_set1_ps(bc2), veps = _mm512_set1_ps(eps);
-      const __m512 vslr = _mm512_set1_ps(step_lr);
-      for (; i + 16 <= hi; i += 16) {
-        const __m512 gi = _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(g + i), vinv), vfac);
-        __m512 pi = _mm512_loadu_ps(p + i);
-        if (decay) pi = _mm512_sub_ps(pi, _mm512_mul_ps(vcoef, pi));
-        const __m512 mi = _mm512_add_ps(_mm512_mul_ps(vb1, _mm512_loadu_ps(m + off + i)), _mm512_mul_ps(vomb1, gi));
-        const __m512 vi = _mm512_add_ps(_mm512_mul_ps(vb2, _mm512_loadu_ps(v + off + i)),
-                                        _mm512_mul_ps(_mm512_mul_ps(vomb2, gi), gi));
-        const __m512 denom = _mm512_add_ps(_mm512_sqrt_ps(_mm512_div_ps(vi, vbc2)), veps);
-        _mm512_storeu_ps(p + i, _mm512_sub_ps(pi, _mm512_div_ps(_mm512_mul_ps(vslr, mi), denom)));
-        _mm512_storeu_ps(m + off + i, mi);
-        _mm512_storeu_ps(v + off + i, vi);
-      }
-    }
-#elif defined(__AVX__)
-    {
-      const __m256 vinv = _mm256_set1_ps(inv), vfac = _mm256_set1_ps(factor), vcoef = _mm256_set1_ps(coef);
-      const __m256 vb1 = _mm256_set1_ps(b1), vomb1 = _mm256_set1_ps(omb1), vb2 = _mm256_set1_ps(b2);
-      const __m256 vomb2 = _mm256_set1_ps(omb2), vbc2 = _mm256_set1_ps(bc2), veps = _mm256_set1_ps(eps);
-      const __m256 vslr = _mm256_set1_ps(step_lr);
-      for (; i + 8 <= hi; i += 8) {
-        const __m256 gi = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(g + i), vinv), vfac);
-        __m256 pi = _mm256_loadu_ps(p + i);
-        if (decay) pi = _mm256_sub_ps(pi, _mm256_mul_ps(vcoef, pi));
-        const __m256 mi = _mm256_add_ps(_mm256_mul_ps(vb1, _mm256_loadu_ps(m + off + i)), _mm256_mul_ps(vomb1, gi));
-        const __m256 vi = _mm256_add_ps(_mm256_mul_ps(vb2, _mm256_loadu_ps(v + off + i)),
-                                        _mm256_mul_ps(_mm256_mul_ps(vomb2, gi), gi));
-        const __m256 denom = _mm256_add_ps(_mm256_sqrt_ps(_mm256_div_ps(vi, vbc2)), veps);
-        _mm256_storeu_ps(p + i, _mm256_sub_ps(pi, _mm256_div_ps(_mm256_mul_ps(vslr, mi), denom)));
-        _mm256_storeu_ps(m + off + i, mi);
-        _mm256_storeu_ps(v + off + i, vi);
-      }
-    }
+#ifdef MFSFT_ADAMW_LANES
+    for (; i + kAdamWLanes <= hi; i += kAdamWLanes)
+      adamw_update<AdamWLanes>(c, decay, g + i, p + i, m + off + i, v + off + i);
 #endif
-    for (; i < hi; ++i) {
-      const float gi = (g[i] * inv) * factor;
-      float pi = p[i];
-      if (decay) pi = pi - coef * pi;
-      const float mi = b1 * m[off + i] + omb1 * gi;
-      const float vi = b2 * v[off + i] + (omb2 * gi) * gi;
-      const float denom = std::sqrt(vi / bc2) + eps;
-      p[i] = pi - (step_lr * mi) / denom;
-      m[off + i] = mi;
-      v[off + i] = vi;
-    }
+    for (; i < hi; ++i) adamw_update<float>(c, decay, g + i, p + i, m + off + i, v + off + i);
   }, offs[k]);
   return 0;
 }
