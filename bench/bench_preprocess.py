@@ -9,8 +9,9 @@ Data: assets/data/alpaca_en_demo.json (999 Alpaca records) replicated to --recor
   FastChat: the same records converted to conversations by mindformers_sft.tools.alpaca_converter (not timed),
             then json.load + fastchat.train.train.preprocess with transformers' LlamaTokenizer(legacy=True),
             model_max_length = seq_length + 1, pad = unk (as FastChat's train.py sets up).
-Prints samples/s of both and the ratio (the median over --rounds alternating rounds), then checks (untimed) that every row of ours equals FastChat's token for
-token, input_ids and labels (the loss mask) both, and that the worker run gave the same rows. Not a test.
+Prints samples/s of both and the ratio (the median over --rounds alternating rounds), then checks (untimed) that
+every row of ours equals FastChat's token for token, input_ids and labels (the loss mask) both, and that the worker
+run gave the same rows. Not a test.
 
     .venv/bin/python bench/bench_preprocess.py --records 20000
 """
